@@ -1,0 +1,5 @@
+import sys
+
+from genreward.cli import main
+
+sys.exit(main())

@@ -1,0 +1,107 @@
+"""``genreward`` command line: eval, gallery (train, best-of-n and serve-reward join as they land).
+
+User errors (:class:`GenrewardError`) print one line ``genreward: error: ...`` and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from genreward.errors import GenrewardError
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from genreward.config import load_config, save_config
+    from genreward.schema import EvalConfig
+
+    config = load_config(args.config, EvalConfig, args.overrides)
+    return run_eval(config)
+
+
+def run_eval(config) -> int:
+    """Evaluate ``config.model`` on ``config.eval.prompts`` and write outputs + gallery."""
+    from genreward.config import save_config
+    from genreward.evaluation import evaluate
+    from genreward.gallery import write_gallery
+    from genreward.models import load_pipeline
+    from genreward.prompts import load_prompt_set
+    from genreward.rewards import build_from_spec
+
+    start = time.perf_counter()
+    out = Path(config.output_dir)
+    save_config(config, out)
+    items = load_prompt_set(config.eval.prompts.path, column=config.eval.prompts.column)
+    if config.eval.prompts.limit is not None:
+        items = items[: config.eval.prompts.limit]
+    rewards = [build_from_spec(spec) for spec in config.eval.rewards]
+    m = config.model
+    pipe = load_pipeline(m.pipeline, device=m.device, dtype=m.dtype, lora=m.lora, unet=m.unet)
+    result = evaluate(
+        pipe,
+        items,
+        rewards,
+        out,
+        config.sample,
+        images_per_prompt=config.eval.images_per_prompt,
+        seed=config.eval.seed,
+        eta=config.eval.eta,
+    )
+    if config.eval.gallery:
+        gallery = write_gallery(out)
+        print(f"gallery: {gallery}")
+    print((out / "summary.md").read_text(encoding="utf-8"))
+    summary = ", ".join(f"{k}={v:.4g}" for k, v in result.summary.items())
+    print(f"evaluated {len(result.records)} images in {time.perf_counter() - start:.1f}s: {summary}")
+    print(f"outputs: {out}")
+    return 0
+
+
+def _cmd_gallery(args: argparse.Namespace) -> int:
+    from genreward.gallery import write_gallery
+
+    path = write_gallery(args.run_dir, compare_dir=args.compare, out_path=args.out)
+    print(f"gallery: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from genreward import __version__
+
+    parser = argparse.ArgumentParser(prog="genreward", description="Reward fine-tuning of visual generators.")
+    parser.add_argument("--version", action="version", version=f"genreward {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("eval", help="evaluate a pipeline on a prompt set with rewards")
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sample.num_steps=10 output_dir=/tmp/x")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("gallery", help="write a static HTML gallery for a run folder")
+    p.add_argument("run_dir", help="folder written by `genreward eval`")
+    p.add_argument("--compare", default=None, help="another run folder shown as the 'before' column")
+    p.add_argument("--out", default=None, help="where to write the HTML (default: inside RUN_DIR)")
+    p.set_defaults(func=_cmd_gallery)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except GenrewardError as exc:
+        print(f"genreward: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("genreward: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

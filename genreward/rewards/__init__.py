@@ -1,0 +1,21 @@
+"""Rewards: ``build(name, **options)`` returns any registered reward.
+
+Importing this package registers the built-in rewards (one module per family).
+"""
+
+from genreward.rewards.base import (
+    Reward,
+    RewardOutput,
+    RewardSpec,
+    WeightedSum,
+    available,
+    build,
+    build_from_spec,
+    register,
+)
+
+# Built-in reward families register themselves on import.
+from genreward.rewards import clip_score as _clip_score  # noqa: F401,E402
+from genreward.rewards import jpeg as _jpeg  # noqa: F401,E402
+
+__all__ = ["Reward", "RewardOutput", "RewardSpec", "WeightedSum", "available", "build", "build_from_spec", "register"]

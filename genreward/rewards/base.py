@@ -1,0 +1,148 @@
+"""The reward contract, the registry of rewards by name, and weighted composition.
+
+Every reward takes images ``[B,3,H,W]`` in [0,1] plus the B prompts (and optional context such as
+``metadata`` or ``reference_images``) and returns a :class:`RewardOutput`. Rewards are registered by
+name with :func:`register` and built from configs with :func:`build`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+
+import torch
+
+from genreward.errors import GenrewardError
+
+
+@dataclass
+class RewardOutput:
+    """Scores ``[B]`` (higher is better) and optional per-image details, each ``[B]``."""
+
+    scores: torch.Tensor
+    details: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.scores.ndim != 1:
+            raise ValueError(f"RewardOutput.scores must be 1-D [B], got shape {tuple(self.scores.shape)}")
+        for key, value in self.details.items():
+            if value.shape[:1] != self.scores.shape:
+                raise ValueError(f"RewardOutput.details[{key!r}] must have leading shape [B]={tuple(self.scores.shape)}")
+
+
+@runtime_checkable
+class Reward(Protocol):
+    """What trainers and evaluation rely on."""
+
+    name: str
+    differentiable: bool  # True ⇒ scores carry gradients back to the input images
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], **context: Any) -> RewardOutput: ...
+
+
+_REGISTRY: dict[str, Callable[..., Reward]] = {}
+
+
+def register(name: str) -> Callable[[Callable[..., Reward]], Callable[..., Reward]]:
+    """Class/factory decorator: make a reward buildable by ``build(name, **options)``."""
+
+    def wrap(factory: Callable[..., Reward]) -> Callable[..., Reward]:
+        if name in _REGISTRY and _REGISTRY[name] is not factory:
+            raise ValueError(f"reward name {name!r} is registered twice")
+        _REGISTRY[name] = factory
+        return factory
+
+    return wrap
+
+
+def available() -> list[str]:
+    """Names of all registered rewards."""
+    return sorted(_REGISTRY)
+
+
+def _accepted_options(factory: Callable[..., Any]) -> set[str] | None:
+    """Keyword names a factory accepts, or None if it takes ``**kwargs``."""
+    params = inspect.signature(factory).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self"}
+
+
+def build(name: str, **options: Any) -> Reward:
+    """Build a registered reward by name. Unknown names and options are one-line errors."""
+    if name not in _REGISTRY:
+        raise GenrewardError(f"unknown reward {name!r}; available rewards: {', '.join(available())}")
+    factory = _REGISTRY[name]
+    accepted = _accepted_options(factory)
+    if accepted is not None:
+        unknown = sorted(set(options) - accepted)
+        if unknown:
+            raise GenrewardError(
+                f"reward {name!r} has no option(s) {', '.join(unknown)}; its options are: {', '.join(sorted(accepted)) or '(none)'}"
+            )
+    return factory(**options)
+
+
+@dataclass
+class RewardSpec:
+    """A reward as written in a config: its registered name, options, and a display name.
+
+    ``weight`` is used only when several specs are combined into a :class:`WeightedSum`.
+    """
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+    weight: float = 1.0
+    label: str | None = None  # how it appears in metrics (defaults to ``name``)
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+
+def build_from_spec(spec: RewardSpec) -> Reward:
+    reward = build(spec.name, **spec.options)
+    if spec.label:
+        reward.name = spec.label
+    return reward
+
+
+class WeightedSum:
+    """Composition: score = Σ_k w_k · r_k. Details keep each component's score under its name."""
+
+    def __init__(self, rewards: Sequence[Reward], weights: Sequence[float], name: str = "weighted_sum"):
+        if len(rewards) != len(weights) or not rewards:
+            raise GenrewardError("weighted_sum needs one weight per reward and at least one reward")
+        self.rewards = list(rewards)
+        self.weights = [float(w) for w in weights]
+        self.name = name
+        self.differentiable = all(r.differentiable for r in self.rewards)
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], **context: Any) -> RewardOutput:
+        total = None
+        details: dict[str, torch.Tensor] = {}
+        for reward, weight in zip(self.rewards, self.weights):
+            out = reward(images, prompts, **context)
+            details[reward.name] = out.scores
+            for key, value in out.details.items():
+                details[f"{reward.name}/{key}"] = value
+            term = weight * out.scores.float()
+            total = term if total is None else total + term.to(total.device)
+        return RewardOutput(scores=total, details=details)
+
+
+@register("weighted_sum")
+def _weighted_sum(components: Sequence[dict[str, Any]], name: str = "weighted_sum") -> WeightedSum:
+    """Config form: ``{name: weighted_sum, options: {components: [{name, options, weight}, ...]}}``."""
+    specs = [RewardSpec(**c) if isinstance(c, dict) else c for c in components]
+    return WeightedSum([build_from_spec(s) for s in specs], [s.weight for s in specs], name=name)
+
+
+def spec_from_dict(data: dict[str, Any]) -> RewardSpec:
+    known = {f.name for f in dataclasses.fields(RewardSpec)}
+    unknown = set(data) - known
+    if unknown:
+        raise GenrewardError(f"reward entry has unknown key(s) {sorted(unknown)}; allowed: {sorted(known)}")
+    return RewardSpec(**data)

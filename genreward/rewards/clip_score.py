@@ -1,0 +1,76 @@
+"""CLIPScore: how well an image matches its prompt, as a differentiable reward.
+
+score = ``scale`` · cos(CLIP image embedding, CLIP text embedding of the prompt). The CLIPScore paper
+(Hessel et al., 2021) reports 2.5·max(cos, 0) and many later papers 100·max(cos, 0); the default here is
+the plain cosine in [-1, 1] (``scale=1``), whose gradient does not vanish for poorly matching images.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Sequence
+
+import torch
+
+from genreward.errors import GenrewardError
+from genreward.images import check_images
+from genreward.models.clip import ClipModel, load_clip
+from genreward.rewards.base import RewardOutput, register
+
+TEXT_CACHE_SIZE = 4096  # prompts repeat across a training run; text embeddings are frozen
+
+
+@register("clip_score")
+class ClipScore:
+    """Prompt–image cosine similarity under a frozen CLIP; gradients flow to the pixels only."""
+
+    differentiable = True
+
+    def __init__(
+        self,
+        model: str = "tiny:clip",
+        backend: str = "auto",
+        device: str | torch.device | None = None,
+        dtype: str = "fp32",
+        scale: float = 1.0,
+    ):
+        try:
+            self.scale = float(scale)
+        except (TypeError, ValueError):
+            raise GenrewardError(f"clip_score option scale must be a number, got {scale!r}") from None
+        self.name = "clip_score"
+        self.clip: ClipModel = load_clip(model, backend=backend, device=device, dtype=dtype)
+        self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Normalised, gradient-free text embeddings ``[B, D]``, cached per prompt."""
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
+        if missing:
+            with torch.no_grad():
+                embedded = self.clip.embed_texts(missing)
+            for prompt, emb in zip(missing, embedded):
+                self._text_cache[prompt] = emb
+        for prompt in prompts:
+            self._text_cache.move_to_end(prompt)
+        out = torch.stack([self._text_cache[p] for p in prompts])
+        while len(self._text_cache) > TEXT_CACHE_SIZE:
+            self._text_cache.popitem(last=False)
+        return out
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], **context: Any) -> RewardOutput:
+        check_images(images)
+        if isinstance(prompts, str) or len(prompts) != images.shape[0]:
+            got = "a single string" if isinstance(prompts, str) else f"{len(prompts)} prompts"
+            raise GenrewardError(f"clip_score needs one prompt per image: {images.shape[0]} images, {got}")
+        if any(not isinstance(p, str) for p in prompts):
+            raise GenrewardError("clip_score prompts must be strings")
+        if images.shape[0] == 0:
+            empty = torch.zeros(0, device=images.device)
+            return RewardOutput(scores=empty, details={"cosine": empty})
+        texts = self.text_embeddings(list(prompts))
+        # Build a graph only when someone will differentiate through the scores.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and images.requires_grad):
+            image_emb = self.clip.embed_images(images.to(self.clip.device))
+            cosine = (image_emb * texts.to(image_emb.device)).sum(dim=-1)
+            scores = (self.scale * cosine).to(device=images.device, dtype=torch.float32)
+        return RewardOutput(scores=scores, details={"cosine": cosine.detach().to(images.device, torch.float32)})

@@ -1,0 +1,80 @@
+"""Config sections shared by every command (evaluation, training): model, sampler, evaluation, rewards.
+
+Each trainer's config embeds these sections, so ``model.pipeline=...`` or ``sample.num_steps=...`` mean the
+same thing everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from genreward.rewards.base import RewardSpec
+
+
+@dataclass
+class ModelConfig:
+    """Which pipeline to load and where. ``pipeline``: hub id, local folder, ``tiny:sd`` or ``tiny:sd-v``."""
+
+    pipeline: str = "tiny:sd"
+    device: str = "auto"  # auto = CUDA when present, else CPU
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    lora: str | None = None  # fine-tuned LoRA weights (folder or .safetensors) applied on load
+    unet: str | None = None  # a full fine-tuned U-Net folder that replaces the pipeline's
+
+
+@dataclass
+class SampleConfig:
+    """DDIM sampling: steps, classifier-free guidance, stochasticity and image size."""
+
+    num_steps: int = 50
+    guidance_scale: float = 5.0
+    eta: float = 1.0
+    negative_prompt: str = ""
+    batch_size: int = 8
+    height: int | None = None  # None = the U-Net's native size
+    width: int | None = None
+    logprob_reduction: Literal["mean", "sum"] = "mean"
+
+    def __post_init__(self) -> None:
+        if self.num_steps < 1:
+            raise ValueError(f"key 'sample.num_steps' must be >= 1, got {self.num_steps}")
+        if self.batch_size < 1:
+            raise ValueError(f"key 'sample.batch_size' must be >= 1, got {self.batch_size}")
+        if self.eta < 0:
+            raise ValueError(f"key 'sample.eta' must be >= 0, got {self.eta}")
+
+
+@dataclass
+class PromptsConfig:
+    """A prompt set: a file path or the name of a set shipped in ``prompts/``."""
+
+    path: str = "animals"
+    column: str | None = None  # for .csv/.tsv/.jsonl: which column holds the prompt
+    limit: int | None = None  # use only the first N prompts
+
+
+@dataclass
+class EvalSection:
+    """Evaluation: N images per prompt of a prompt set, scored by every listed reward."""
+
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    images_per_prompt: int = 4
+    seed: int = 0
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec(name="jpeg_compressibility")])
+    eta: float | None = None  # None = use sample.eta
+    gallery: bool = True
+
+    def __post_init__(self) -> None:
+        if self.images_per_prompt < 1:
+            raise ValueError(f"key 'eval.images_per_prompt' must be >= 1, got {self.images_per_prompt}")
+
+
+@dataclass
+class EvalConfig:
+    """``genreward eval CONFIG``: evaluate a pipeline on a prompt set."""
+
+    output_dir: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalSection = field(default_factory=EvalSection)

@@ -1,0 +1,33 @@
+"""Shared fixtures. The whole suite is offline: the hub is switched off before anything imports it."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    """The built-in tiny SD pipeline on CPU, fp32 (built once; tests must not modify its weights)."""
+    from genreward.models import load_pipeline
+
+    return load_pipeline("tiny:sd", device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe_v():
+    """The tiny SD pipeline with a v-prediction scheduler."""
+    from genreward.models import load_pipeline
+
+    return load_pipeline("tiny:sd-v", device="cpu", dtype="fp32")
+
+
+@pytest.fixture()
+def fresh_generator():
+    return torch.Generator().manual_seed(0)

@@ -1,0 +1,1 @@
+"""Trainers: one module per optimisation algorithm (added by later work)."""
