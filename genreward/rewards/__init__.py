@@ -17,5 +17,6 @@ from genreward.rewards.base import (
 # Built-in reward families register themselves on import.
 from genreward.rewards import clip_score as _clip_score  # noqa: F401,E402
 from genreward.rewards import jpeg as _jpeg  # noqa: F401,E402
+from genreward.rewards import preference as _preference  # noqa: F401,E402
 
 __all__ = ["Reward", "RewardOutput", "RewardSpec", "WeightedSum", "available", "build", "build_from_spec", "register"]
