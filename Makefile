@@ -22,7 +22,7 @@ venv: $(VENV)/.installed
 venv-dev: $(VENV)/.installed-dev
 
 quickstart: $(VENV)/.installed
-	$(VENV)/bin/genreward eval configs/quickstart.yaml
+	$(VENV)/bin/genreward train configs/quickstart.yaml
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q

@@ -1,4 +1,4 @@
-"""``genreward`` command line: eval, gallery (train, best-of-n and serve-reward join as they land).
+"""``genreward`` command line: train, eval, gallery.
 
 User errors (:class:`GenrewardError`) print one line ``genreward: error: ...`` and exit with code 2.
 """
@@ -60,6 +60,29 @@ def run_eval(config) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    """Dispatch on the config's ``trainer:`` key; works unchanged under ``accelerate launch``."""
+    from genreward.config import config_from_dict, parse_override, read_yaml
+    from trainers import get_trainer
+
+    data = read_yaml(args.config)
+    name = data.get("trainer")
+    for text in args.overrides:
+        path, value = parse_override(text)
+        if path == ["trainer"]:
+            name = value
+    if name is None:
+        raise GenrewardError(f"{args.config}: missing required key 'trainer' (e.g. trainer: prdp)")
+    config_cls, train = get_trainer(name)
+    config = config_from_dict(data, config_cls, args.overrides, source=str(args.config), default_name=Path(args.config).stem)
+    start = time.perf_counter()
+    result = train(config)
+    print(f"trained in {time.perf_counter() - start:.1f}s; outputs: {config.output_dir}")
+    for key, value in (result or {}).items():
+        print(f"{key}: {value}")
+    return 0
+
+
 def _cmd_gallery(args: argparse.Namespace) -> int:
     from genreward.gallery import write_gallery
 
@@ -76,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    p = sub.add_parser("train", help="train with the config's trainer (prdp, ddpo, ...); also under accelerate launch")
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. prdp.epochs=5 output_dir=/tmp/x")
+    p.set_defaults(func=_cmd_train)
+
     p = sub.add_parser("eval", help="evaluate a pipeline on a prompt set with rewards")
     p.add_argument("config", help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sample.num_steps=10 output_dir=/tmp/x")
@@ -86,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", default=None, help="another run folder shown as the 'before' column")
     p.add_argument("--out", default=None, help="where to write the HTML (default: inside RUN_DIR)")
     p.set_defaults(func=_cmd_gallery)
+
     return parser
 
 

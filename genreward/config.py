@@ -54,6 +54,10 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
             f"{source}: key '{key}' expects {_type_name(tp)}, got {value!r}"
         )
     if origin is Literal:
+        if isinstance(value, bool) and not any(isinstance(a, bool) for a in get_args(tp)):
+            # YAML 1.1 reads no/off/false (yes/on/true) as booleans; map back to the spelling the choices use.
+            spellings = ("no", "off", "false") if value is False else ("yes", "on", "true")
+            value = next((a for a in get_args(tp) if isinstance(a, str) and a.lower() in spellings), value)
         if value in get_args(tp):
             return value
         raise ConfigError(f"{source}: key '{key}' must be one of {', '.join(repr(a) for a in get_args(tp))}, got {value!r}")

@@ -136,6 +136,11 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, re
     """
     x = x.detach().float()
     elem = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - _HALF_LOG_2PI
+    return reduce_elements(elem, reduction)
+
+
+def reduce_elements(elem: torch.Tensor, reduction: Reduction = "mean") -> torch.Tensor:
+    """Reduce per-element log-densities over all non-batch dims: ``mean`` (DDPO/PRDP convention) or ``sum``."""
     dims = tuple(range(1, elem.ndim))
     if reduction == "mean":
         return elem.mean(dim=dims)
@@ -203,7 +208,8 @@ def guided_model_output(
     t = torch.as_tensor(timestep, device=latents.device)
     if uncond is None or guidance_scale == 1.0:
         return unet(latents, t, encoder_hidden_states=cond).sample
-    pred = unet(torch.cat([latents, latents]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+    t_both = torch.cat([t, t]) if t.ndim == 1 else t  # per-sample timesteps repeat for the [uncond, cond] batch
+    pred = unet(torch.cat([latents, latents]), t_both, encoder_hidden_states=torch.cat([uncond, cond])).sample
     pred_uncond, pred_cond = pred.chunk(2)
     return pred_uncond + guidance_scale * (pred_cond - pred_uncond)
 
@@ -329,21 +335,29 @@ def step_log_prob(
     unet,
     scheduler,
     trajectory: Trajectory,
-    step: int,
+    step: int | torch.Tensor,
     index: torch.Tensor | slice | None = None,
     reduction: Reduction = "mean",
 ) -> torch.Tensor:
     """log π_θ(x_{t'} | x_t, c) of the stored transition ``step`` under ``unet`` (with the trajectory's CFG).
 
-    Gradients flow through the U-Net's prediction only (the stored next latent is data). ``index`` picks
-    a sub-batch. The scheduler must have been set to the trajectory's number of steps.
+    ``step`` is one step index for the whole sub-batch, or a LongTensor with one step per selected sample
+    (DDPO shuffles the time order of each sample). Gradients flow through the U-Net's prediction only (the
+    stored next latent is data). ``index`` picks a sub-batch. The scheduler is set to the trajectory's steps.
     """
     idx = slice(None) if index is None else index
     if scheduler.num_inference_steps != trajectory.num_steps:
         scheduler.set_timesteps(trajectory.num_steps, device=trajectory.latents.device)
-    x_t = trajectory.latents[idx, step]
-    x_next = trajectory.latents[idx, step + 1]
-    t = trajectory.timesteps[step]
+    if isinstance(step, torch.Tensor) and step.ndim == 1:
+        rows = torch.arange(len(trajectory), device=step.device)[idx]
+        steps = step.to(rows.device)
+        x_t = trajectory.latents[rows, steps]
+        x_next = trajectory.latents[rows, steps + 1]
+        t = trajectory.timesteps.to(steps.device)[steps]
+    else:
+        x_t = trajectory.latents[idx, step]
+        x_next = trajectory.latents[idx, step + 1]
+        t = trajectory.timesteps[step]
     cond = trajectory.prompt_embeds[idx]
     uncond = None if trajectory.negative_prompt_embeds is None else trajectory.negative_prompt_embeds[idx]
     model_input = scheduler.scale_model_input(x_t, t)

@@ -38,8 +38,8 @@ def test_unknown_config_key_is_one_line_error(tmp_path):
 
 
 def test_wrong_type_override_is_one_line_error():
-    proc = run_cli("eval", "configs/quickstart.yaml", "sample.num_steps=many")
-    assert_one_line_error(proc, "quickstart.yaml", "sample.num_steps", "int")
+    proc = run_cli("eval", "configs/eval_tiny.yaml", "sample.num_steps=many")
+    assert_one_line_error(proc, "eval_tiny.yaml", "sample.num_steps", "int")
 
 
 def test_missing_config_file():
@@ -48,25 +48,25 @@ def test_missing_config_file():
 
 
 def test_missing_prompt_file(tmp_path):
-    proc = run_cli("eval", "configs/quickstart.yaml", "eval.prompts.path=/nonexistent/prompts.txt", f"output_dir={tmp_path}")
+    proc = run_cli("eval", "configs/eval_tiny.yaml", "eval.prompts.path=/nonexistent/prompts.txt", f"output_dir={tmp_path}")
     assert_one_line_error(proc, "/nonexistent/prompts.txt")
 
 
 def test_missing_prompt_column(tmp_path):
     tsv = tmp_path / "parti.tsv"
     tsv.write_text("Prompt\tCategory\na cat\tAnimals\n")
-    proc = run_cli("eval", "configs/quickstart.yaml", f"eval.prompts.path={tsv}", "eval.prompts.column=Text", f"output_dir={tmp_path / 'o'}")
+    proc = run_cli("eval", "configs/eval_tiny.yaml", f"eval.prompts.path={tsv}", "eval.prompts.column=Text", f"output_dir={tmp_path / 'o'}")
     assert_one_line_error(proc, "Text", "parti.tsv")
 
 
 def test_unknown_reward_name(tmp_path):
-    proc = run_cli("eval", "configs/quickstart.yaml", "eval.rewards.0.name=no_such_reward", f"output_dir={tmp_path}")
+    proc = run_cli("eval", "configs/eval_tiny.yaml", "eval.rewards.0.name=no_such_reward", f"output_dir={tmp_path}")
     assert_one_line_error(proc, "no_such_reward")
 
 
 def test_offline_model_id_is_one_line_error(tmp_path):
     proc = run_cli(
-        "eval", "configs/quickstart.yaml", "model.pipeline=CompVis/stable-diffusion-v1-4", "eval.prompts.limit=1", f"output_dir={tmp_path}"
+        "eval", "configs/eval_tiny.yaml", "model.pipeline=CompVis/stable-diffusion-v1-4", "eval.prompts.limit=1", f"output_dir={tmp_path}"
     )
     assert_one_line_error(proc, "CompVis/stable-diffusion-v1-4", "local")
 
@@ -77,10 +77,10 @@ def test_gallery_of_missing_run_dir(tmp_path):
 
 
 @pytest.mark.slow
-def test_quickstart_end_to_end(tmp_path):
-    """The shipped quickstart, unchanged but for its output folder: outputs, summaries and gallery exist."""
-    out = tmp_path / "quickstart"
-    proc = run_cli("eval", "configs/quickstart.yaml", f"output_dir={out}")
+def test_eval_end_to_end(tmp_path):
+    """`genreward eval` on tiny:sd: images, metrics, summaries, resolved config and gallery exist."""
+    out = tmp_path / "eval"
+    proc = run_cli("eval", "configs/eval_tiny.yaml", f"output_dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 12 * 4
@@ -96,3 +96,41 @@ def test_quickstart_end_to_end(tmp_path):
     proc = run_cli("gallery", str(out), "--compare", str(out))
     assert proc.returncode == 0, proc.stderr
     assert (out / "compare.html").is_file()
+
+
+def test_unknown_trainer_is_one_line_error(tmp_path):
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text("trainer: ppo_magic\n")
+    proc = run_cli("train", str(cfg))
+    assert_one_line_error(proc, "unknown trainer 'ppo_magic'", "prdp")
+
+
+def test_train_config_error_names_key_and_file(tmp_path):
+    proc = run_cli("train", "configs/quickstart.yaml", "prdp.betta=1", f"output_dir={tmp_path}")
+    assert_one_line_error(proc, "quickstart.yaml", "prdp.betta", "beta")
+
+
+@pytest.mark.parametrize("config", ["prdp_sd14_small_hpsv2", "prdp_sd14_large_hpsv2", "prdp_sd14_multi", "ddpo_sd15_compressibility"])
+def test_paper_configs_load_and_fail_only_at_model_download(tmp_path, config):
+    """The paper configs are valid; offline, they stop with the clear offline-model message."""
+    proc = run_cli("train", f"configs/{config}.yaml", f"output_dir={tmp_path}", "model.device=cpu", "train.mixed_precision=no")
+    assert_one_line_error(proc, "not in the local model cache", "local folder")
+
+
+@pytest.mark.slow
+def test_quickstart_end_to_end(tmp_path):
+    """`make quickstart`'s command, unchanged but for its output folder: PRDP raises the reward; gallery written."""
+    out = tmp_path / "quickstart"
+    proc = run_cli("train", "configs/quickstart.yaml", f"output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(12))
+    rewards = [r["reward_mean"] for r in rows]
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert last > first + 0.01, rewards  # measured: -1.577 → -1.546 (first/last 3 epochs)
+    assert all(r["peak_rss_mb"] < 4096 for r in rows)
+    before = json.loads((out / "eval" / "before" / "summary.json").read_text())["jpeg_compressibility"]
+    after = json.loads((out / "eval" / "final" / "summary.json").read_text())["jpeg_compressibility"]
+    assert after > before, (before, after)
+    assert (out / "gallery.html").is_file() and (out / "reward_curve.png").is_file()
+    assert (out / "checkpoints" / "checkpoint-11" / "pytorch_lora_weights.safetensors").is_file()

@@ -85,9 +85,20 @@ def test_eval_config_literal_and_validation(tmp_path):
         load_config(path, EvalConfig)
 
 
-def test_shipped_quickstart_loads_and_resolved_config_round_trips(tmp_path):
-    cfg = load_config("configs/quickstart.yaml", EvalConfig, ["sample.num_steps=10", f"output_dir={tmp_path / 'run'}"])
+def test_shipped_eval_config_loads_and_resolved_config_round_trips(tmp_path):
+    cfg = load_config("configs/eval_tiny.yaml", EvalConfig, ["sample.num_steps=10", f"output_dir={tmp_path / 'run'}"])
     assert cfg.sample.num_steps == 10
     written = save_config(cfg, cfg.output_dir)
     again = load_config(written, EvalConfig)
     assert again == cfg
+
+
+def test_yaml_no_is_read_as_the_string_choice(tmp_path):
+    """YAML 1.1 parses `no` as False; a Literal['no', 'fp16', 'bf16'] key still gets 'no'."""
+    from trainers.prdp import PRDPConfig
+
+    path = _write(tmp_path, {"train": {"mixed_precision": False}})
+    assert load_config(path, PRDPConfig).train.mixed_precision == "no"
+    assert load_config(path, PRDPConfig, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="train.mixed_precision"):
+        load_config(path, PRDPConfig, ["train.mixed_precision=yes"])

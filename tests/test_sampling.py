@@ -148,3 +148,12 @@ def test_scheduler_with_clip_sample_is_rejected(tiny_pipe):
     sched.set_timesteps(10)
     with pytest.raises(GenrewardError, match="clip_sample"):
         ddim_mean_std(sched, torch.zeros(1, 4, 2, 2), sched.timesteps[0], torch.zeros(1, 4, 2, 2), 1.0)
+
+
+def test_per_sample_steps_equal_single_step_evaluation(tiny_pipe):
+    """DDPO evaluates each sample at its own (shuffled) step: same values as one step at a time."""
+    traj = sample_trajectories(tiny_pipe, PROMPTS, num_steps=6, seeds=[0, 1, 2, 3])
+    steps = torch.tensor([5, 0, 3, 3])
+    with torch.no_grad():
+        mixed = step_log_prob(tiny_pipe.unet, tiny_pipe.scheduler, traj, steps)
+    torch.testing.assert_close(mixed, traj.log_probs[torch.arange(4), steps], atol=1e-5, rtol=0)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from genreward.errors import GenrewardError
+from genreward.sampling import reduce_elements
 
 Reduction = Literal["mean", "sum"]
 
@@ -225,12 +226,7 @@ def logratio_from_means(
     mu_ref = mean_ref.detach().to(dtype)
     var2 = 2 * std.detach().to(dtype) ** 2
     elem = (mu - mu_ref) * (2 * x - mu - mu_ref) / var2
-    dims = tuple(range(1, elem.ndim))
-    if reduction == "mean":
-        return elem.mean(dim=dims)
-    if reduction == "sum":
-        return elem.sum(dim=dims)
-    raise GenrewardError(f"log-prob reduction must be 'mean' or 'sum', got '{reduction}'")
+    return reduce_elements(elem, reduction)
 
 
 # --------------------------------------------------------------------------------------------- DDPO

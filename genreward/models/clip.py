@@ -19,6 +19,7 @@ that cannot be found raises :class:`OfflineModelError` as one line that says how
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -459,3 +460,28 @@ def _load_open_clip(spec: str, rest: str, device: torch.device, dtype: torch.dty
         spec=spec,
     )
     return clip.to(device=device)
+
+
+TEXT_CACHE_SIZE = 4096  # prompts repeat across a training run; text embeddings are frozen
+
+
+class TextEmbeddingCache:
+    """Normalised, gradient-free text embeddings ``[B, D]`` of a CLIP, cached per prompt (least recently used out)."""
+
+    def __init__(self, clip: "ClipModel", size: int = TEXT_CACHE_SIZE):
+        self.clip, self.size = clip, size
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        if missing:
+            with torch.no_grad():
+                embedded = self.clip.embed_texts(missing)
+            for prompt, emb in zip(missing, embedded):
+                self._cache[prompt] = emb
+        for prompt in prompts:
+            self._cache.move_to_end(prompt)
+        out = torch.stack([self._cache[p] for p in prompts])
+        while len(self._cache) > self.size:
+            self._cache.popitem(last=False)
+        return out

@@ -7,17 +7,15 @@ the plain cosine in [-1, 1] (``scale=1``), whose gradient does not vanish for po
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any, Sequence
 
 import torch
 
 from genreward.errors import GenrewardError
 from genreward.images import check_images
-from genreward.models.clip import ClipModel, load_clip
+from genreward.models.clip import ClipModel, TextEmbeddingCache, load_clip
 from genreward.rewards.base import RewardOutput, register
 
-TEXT_CACHE_SIZE = 4096  # prompts repeat across a training run; text embeddings are frozen
 
 
 @register("clip_score")
@@ -40,22 +38,11 @@ class ClipScore:
             raise GenrewardError(f"clip_score option scale must be a number, got {scale!r}") from None
         self.name = "clip_score"
         self.clip: ClipModel = load_clip(model, backend=backend, device=device, dtype=dtype)
-        self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._texts = TextEmbeddingCache(self.clip)
 
     def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
         """Normalised, gradient-free text embeddings ``[B, D]``, cached per prompt."""
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
-        if missing:
-            with torch.no_grad():
-                embedded = self.clip.embed_texts(missing)
-            for prompt, emb in zip(missing, embedded):
-                self._text_cache[prompt] = emb
-        for prompt in prompts:
-            self._text_cache.move_to_end(prompt)
-        out = torch.stack([self._text_cache[p] for p in prompts])
-        while len(self._text_cache) > TEXT_CACHE_SIZE:
-            self._text_cache.popitem(last=False)
-        return out
+        return self._texts(prompts)
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], **context: Any) -> RewardOutput:
         check_images(images)

@@ -18,7 +18,6 @@ takes a local copy instead.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,11 +25,10 @@ import torch
 
 from genreward.errors import GenrewardError, OfflineModelError
 from genreward.images import check_images
-from genreward.models.clip import ClipModel, load_clip
+from genreward.models.clip import ClipModel, TextEmbeddingCache, load_clip
 from genreward.models.hub import hub_offline
 from genreward.rewards.base import RewardOutput, register
 
-TEXT_CACHE_SIZE = 4096  # prompts repeat across a training run; text embeddings are frozen
 
 HPS_REPO = "xswu/HPSv2"
 HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
@@ -142,22 +140,11 @@ class _PromptImageCosine:
         self.name = name
         self.clip = clip
         self.scale = float(scale)
-        self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._texts = TextEmbeddingCache(self.clip)
 
     def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Normalised, gradient-free text embeddings ``[B, D]``, cached per prompt (least recently used out)."""
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
-        if missing:
-            with torch.no_grad():
-                embedded = self.clip.embed_texts(missing)
-            for prompt, emb in zip(missing, embedded):
-                self._text_cache[prompt] = emb
-        for prompt in prompts:
-            self._text_cache.move_to_end(prompt)
-        out = torch.stack([self._text_cache[p] for p in prompts])
-        while len(self._text_cache) > TEXT_CACHE_SIZE:
-            self._text_cache.popitem(last=False)
-        return out
+        """Normalised, gradient-free text embeddings ``[B, D]``, cached per prompt."""
+        return self._texts(prompts)
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], **context: Any) -> RewardOutput:
         _check_batch(self.name, images, prompts)

@@ -1,0 +1,218 @@
+"""PRDP and DDPO end to end on tiny:sd: metrics, checkpoints, resume, LoRA reload, bad input, spec §9.10."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from genreward.config import config_from_dict
+from genreward.errors import GenrewardError
+from genreward.rewards.base import RewardOutput, register
+
+TINY_PRDP = {
+    "trainer": "prdp",
+    "model": {"pipeline": "tiny:sd", "device": "cpu"},
+    "sample": {"num_steps": 4, "guidance_scale": 5.0, "eta": 1.0, "batch_size": 16},
+    "prompts": {"path": "animals"},
+    "reward": [{"name": "jpeg_compressibility"}],
+    "prdp": {"epochs": 2, "updates_per_epoch": 2, "prompts_per_epoch": 2, "images_per_prompt": 3, "beta": 1e-3, "clip_eps": 1e-2},
+    "train": {"trainable": "lora", "lora": {"rank": 4}, "optim": {"lr": 1e-2}, "batch_size": 16},
+    "checkpoint": {"every_epochs": 1},
+    "eval": {"prompts": {"path": "animals", "limit": 2}, "images_per_prompt": 1},
+    "logging": {"trackers": []},
+}
+
+
+def _config(tmp_path: Path, overrides=(), base=TINY_PRDP, name="run"):
+    from trainers import get_trainer
+
+    config_cls, train = get_trainer(base["trainer"])
+    return config_from_dict(dict(base, output_dir=str(tmp_path / name)), config_cls, list(overrides)), train
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@register("test_nan_on_even")
+class _NanOnEven:
+    """Test reward: JPEG size, but NaN for every even-indexed image (a broken reward model)."""
+
+    name = "test_nan_on_even"
+    differentiable = False
+
+    def __call__(self, images, prompts, **context):
+        scores = images.mean(dim=(1, 2, 3)).float()
+        scores[::2] = float("nan")
+        return RewardOutput(scores=scores)
+
+
+def test_prdp_end_to_end_outputs(tmp_path):
+    config, train = _config(tmp_path)
+    result = train(config)
+    out = tmp_path / "run"
+    rows = _metrics(out)
+    assert [r["epoch"] for r in rows] == [0, 1]
+    for r in rows:
+        assert r["num_samples"] == 6 and r["reward_nonfinite"] == 0
+        assert all(k in r for k in ("loss", "loss_first", "grad_norm", "time_sampling", "time_reward", "time_reference", "time_training"))
+        assert r["frac_clipped_branch_first"] == 0.0  # u = v at the first update of every epoch (spec §9.6)
+    assert (out / "checkpoints" / "checkpoint-1" / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "config.yaml").is_file() and (out / "reward_curve.png").is_file()
+    assert (out / "eval" / "before" / "summary.json").is_file() and (out / "eval" / "final" / "summary.json").is_file()
+    html = (out / "gallery.html").read_text()
+    assert "before" in html.lower() and html.count("<img") >= 4
+    assert result["replicas_identical"] is True
+
+
+def test_spec9_10_logprob_plumbing_at_initialisation(tmp_path):
+    """With θ = θ_old = θ_ref: recomputed log π_θ equals the sampled log π_old (< 1e-6) and log π_θ − log π_ref = 0."""
+    from genreward.sampling import sample_trajectories
+    from trainers.common import TrainingRun
+
+    for trainable in ("lora", "full"):
+        config, _ = _config(tmp_path, [f"train.trainable={trainable}"], name=f"plumb-{trainable}")
+        run = TrainingRun(config, config.model, config.train, config.checkpoint, config.logging, config.eval, config.sample, need_reference=True)
+        traj = sample_trajectories(run.pipe, ["a cat", "a dog"], num_steps=4, seeds=[1, 2], unet=run.policy)
+        policy_lp = run.log_probs(traj)
+        with run.reference() as ref:
+            ref_lp = run.log_probs(traj, ref)
+        assert (policy_lp - traj.log_probs).abs().max().item() < 1e-6
+        assert (policy_lp - ref_lp).abs().max().item() < 1e-6
+        run.accelerator.end_training()
+
+
+def test_prdp_nonfinite_rewards_are_dropped_and_counted(tmp_path, caplog):
+    config, train = _config(tmp_path, ["reward.0.name=test_nan_on_even", "eval.enabled=false", "prdp.epochs=1"])
+    with caplog.at_level("WARNING"):
+        train(config)
+    row = _metrics(tmp_path / "run")[0]
+    assert row["reward_nonfinite"] == 3  # 6 images, every even one NaN
+    assert all(isinstance(row[k], float) and row[k] == row[k] for k in ("loss", "grad_norm", "reward_mean"))
+    assert "NaN/inf" in caplog.text
+
+
+def test_prompt_set_smaller_than_n_is_clear_error(tmp_path):
+    small = tmp_path / "two.txt"
+    small.write_text("a cat\na dog\n")
+    config, train = _config(tmp_path, [f"prompts.path={small}", "prdp.prompts_per_epoch=3"])
+    with pytest.raises(GenrewardError, match=r"has 2 prompts but prdp.prompts_per_epoch is 3"):
+        train(config)
+
+
+def test_unknown_trainer_and_reward_names(tmp_path):
+    from trainers import get_trainer
+
+    with pytest.raises(GenrewardError, match=r"unknown trainer 'prdpp'.*available trainers: ddpo, prdp"):
+        get_trainer("prdpp")
+    config, train = _config(tmp_path, ["reward.0.name=not_a_reward"])
+    with pytest.raises(GenrewardError, match=r"unknown reward 'not_a_reward'"):
+        train(config)
+
+
+def test_resume_gives_identical_weights_and_metrics(tmp_path):
+    """Train 4 epochs; versus train 2, stop, resume from the latest checkpoint, train 2 more."""
+    from safetensors.torch import load_file
+
+    common = ["prdp.epochs=4", "eval.enabled=false", "checkpoint.every_epochs=2"]
+    config, train = _config(tmp_path, common, name="straight")
+    train(config)
+    config, train = _config(tmp_path, ["prdp.epochs=2", "eval.enabled=false", "checkpoint.every_epochs=2"], name="split")
+    train(config)
+    config, train = _config(tmp_path, common + ["checkpoint.resume_from=latest"], name="split")
+    train(config)
+    a = load_file(tmp_path / "straight" / "checkpoints" / "checkpoint-3" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "split" / "checkpoints" / "checkpoint-3" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    keys = ("epoch", "reward_mean", "reward_std", "loss", "loss_first", "grad_norm", "num_pairs")
+    assert [{k: r[k] for k in keys} for r in _metrics(tmp_path / "straight")] == [
+        {k: r[k] for k in keys} for r in _metrics(tmp_path / "split")
+    ]
+
+
+def test_saved_lora_reloads_as_the_finetuned_model(tmp_path):
+    """pipe.load_lora_weights(checkpoint) reproduces the fine-tuned samples, not the base model's."""
+    from genreward.images import load_images
+    from genreward.models import load_pipeline
+    from genreward.sampling import sample_trajectories
+
+    config, train = _config(tmp_path, ["prdp.epochs=2", "train.optim.lr=5e-2", "prdp.clip_eps=1.0"])
+    train(config)
+    out = tmp_path / "run"
+    records = [json.loads(line) for line in (out / "eval" / "final" / "metrics.jsonl").read_text().splitlines()]
+    finetuned = load_images([out / "eval" / "final" / r["image"] for r in records])
+    prompts, seeds = [r["prompt"] for r in records], [r["seed"] for r in records]
+
+    def images(pipe):
+        return sample_trajectories(pipe, prompts, num_steps=4, guidance_scale=5.0, eta=1.0, seeds=seeds).images
+
+    base = images(load_pipeline("tiny:sd", device="cpu"))
+    reloaded = images(load_pipeline("tiny:sd", device="cpu", lora=str(out / "checkpoints" / "checkpoint-1")))
+    assert (reloaded - finetuned).abs().max().item() <= 1.5 / 255  # PNG rounding only
+    assert (base - finetuned).abs().max().item() > 5 / 255
+
+
+TINY_DDPO = {
+    "trainer": "ddpo",
+    "model": {"pipeline": "tiny:sd", "device": "cpu"},
+    "sample": {"num_steps": 4, "guidance_scale": 5.0, "eta": 1.0, "batch_size": 8},
+    "prompts": {"path": "animals", "limit": 3},
+    "reward": [{"name": "jpeg_compressibility"}],
+    "ddpo": {"epochs": 2, "samples_per_epoch": 8, "gradient_accumulation_steps": 1, "tracker_buffer_size": 4, "tracker_min_count": 2},
+    "train": {"trainable": "lora", "optim": {"lr": 1e-2}, "batch_size": 4},
+    "checkpoint": {"every_epochs": 1},
+    "eval": {"enabled": False},
+    "logging": {"trackers": []},
+}
+
+
+def test_ddpo_end_to_end_ratio_one_on_policy(tmp_path):
+    config, train = _config(tmp_path, base=TINY_DDPO)
+    train(config)
+    rows = _metrics(tmp_path / "run")
+    assert [r["epoch"] for r in rows] == [0, 1]
+    for r in rows:
+        assert abs(r["ratio_first"] - 1.0) < 1e-5  # on-policy at the first inner step: ρ = 1
+        assert 0.0 <= r["clipfrac"] <= 1.0 and r["approx_kl"] >= 0.0
+        assert r["tracked_prompts"] <= 3
+    assert rows[-1]["clipfrac"] > 0.0  # later slots move past the tiny clip range
+    assert (tmp_path / "run" / "checkpoints" / "checkpoint-1" / "custom_checkpoint_0.pkl").is_file()  # tracker state
+
+
+def _launch(tmp_path: Path, num_processes: int, name: str, extra=()) -> tuple[int, str, Path]:
+    """``accelerate launch`` the CLI exactly as a user would (gloo on CPU, one thread per process)."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = tmp_path / f"{name}.yaml"
+    data = dict(TINY_PRDP, output_dir=str(tmp_path / name))
+    data["prdp"] = dict(data["prdp"], prompts_per_epoch=2)
+    cfg.write_text(yaml.safe_dump(data))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["--multi_gpu", "--num_processes", str(num_processes)] if num_processes > 1 else ["--num_processes", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
+    proc = subprocess.run(
+        launch + ["-m", "genreward", "train", str(cfg), *extra], cwd=root, env=env, capture_output=True, text=True, timeout=900
+    )
+    return proc.returncode, proc.stdout + proc.stderr, tmp_path / name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_processes", [1, 2])
+def test_accelerate_launch_replicas_identical_and_save_does_not_hang(tmp_path, num_processes):
+    rc, output, out = _launch(tmp_path, num_processes, f"launch{num_processes}")
+    assert rc == 0, output[-4000:]
+    replicas = json.loads((out / "replicas.json").read_text())
+    assert len(replicas["digests"]) == num_processes and replicas["identical"] is True
+    assert (out / "checkpoints" / "checkpoint-0" / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "checkpoints" / "checkpoint-1" / "pytorch_lora_weights.safetensors").is_file()
+    rows = _metrics(out)
+    assert [r["num_samples"] for r in rows] == [6, 6]  # 2 prompts × 3 images, gathered over all processes
