@@ -91,6 +91,22 @@ def _cmd_gallery(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve_reward(args: argparse.Namespace) -> int:
+    """Serve the config's reward over HTTP until Ctrl-C/SIGTERM (clients use the ``remote`` reward)."""
+    from genreward.serve import serve_reward
+
+    return serve_reward(
+        args.config,
+        args.overrides,
+        host=args.host,
+        port=args.port,
+        allow_remote=args.allow_remote,
+        max_batch=args.max_batch,
+        batch_wait_ms=args.batch_wait_ms,
+        max_body_mb=args.max_body_mb,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from genreward import __version__
 
@@ -115,6 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="where to write the HTML (default: inside RUN_DIR)")
     p.set_defaults(func=_cmd_gallery)
 
+    p = sub.add_parser("serve-reward", help="serve a reward over HTTP for other processes (the `remote` reward)")
+    p.add_argument("config", help="YAML with a `reward:` list of {name, options, weight}")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. reward.0.options.model=tiny:clip")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8765, help="port (0 = any free port; the bound address is printed)")
+    p.add_argument("--allow-remote", action="store_true", help="allow a --host that other machines can reach")
+    p.add_argument("--max-batch", type=int, default=64, help="most images in one reward call")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long to wait for more requests to batch")
+    p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body; larger ones get HTTP 413")
+    p.set_defaults(func=_cmd_serve_reward)
     return parser
 
 

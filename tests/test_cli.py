@@ -114,7 +114,7 @@ def test_train_config_error_names_key_and_file(tmp_path):
 def test_paper_configs_load_and_fail_only_at_model_download(tmp_path, config):
     """The paper configs are valid; offline, they stop with the clear offline-model message."""
     proc = run_cli("train", f"configs/{config}.yaml", f"output_dir={tmp_path}", "model.device=cpu", "train.mixed_precision=no")
-    assert_one_line_error(proc, "not in the local model cache", "local folder")
+    assert_one_line_error(proc, "not in the local model cache", "hub")
 
 
 @pytest.mark.slow

@@ -216,3 +216,14 @@ def test_accelerate_launch_replicas_identical_and_save_does_not_hang(tmp_path, n
     assert (out / "checkpoints" / "checkpoint-1" / "pytorch_lora_weights.safetensors").is_file()
     rows = _metrics(out)
     assert [r["num_samples"] for r in rows] == [6, 6]  # 2 prompts × 3 images, gathered over all processes
+
+
+def test_stateful_reward_state_is_checkpointed(tmp_path):
+    """A shaping reward's running statistics travel with the checkpoint (accelerate custom state)."""
+    config, train = _config(
+        tmp_path,
+        ["reward.0.name=meanstd", "reward.0.options={reward: {name: jpeg_compressibility}}", "eval.enabled=false", "prdp.epochs=1"],
+    )
+    train(config)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "checkpoint-0" / "custom_checkpoint_0.pkl", weights_only=False)
+    assert state["stats"] and all(v[0] == 3 for v in state["stats"].values())  # 3 images per prompt seen

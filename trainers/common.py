@@ -121,6 +121,11 @@ def reward_from_specs(specs: Sequence[RewardSpec], name: str = "reward") -> Rewa
     return WeightedSum([build_from_spec(s) for s in specs], [s.weight for s in specs], name=name)
 
 
+def stateful(reward: Reward) -> list[Reward]:
+    """The reward itself if it carries state to checkpoint (running statistics, reference caches), else nothing."""
+    return [reward] if hasattr(reward, "state_dict") and hasattr(reward, "load_state_dict") else []
+
+
 def eval_reward_list(eval_cfg: "TrainEvalSection", training_reward: Reward) -> list[Reward]:
     """Rewards for held-out evaluation: the eval section's list, or the training reward itself (not re-loaded)."""
     if eval_cfg.rewards:

@@ -31,6 +31,7 @@ from trainers.common import (
     eval_reward_list,
     peak_rss_mb,
     reward_from_specs,
+    stateful,
     training_progress,
 )
 from trainers.losses import PerPromptStatTracker, batch_advantages, ddpo_loss
@@ -84,12 +85,12 @@ class DDPOConfig:
 def train(config: DDPOConfig) -> dict:
     d = config.ddpo
     tracker = PerPromptStatTracker(d.tracker_buffer_size, d.tracker_min_count) if d.per_prompt_stat_tracking else None
+    reward = reward_from_specs(config.reward)
     run = TrainingRun(
         config, config.model, config.train, config.checkpoint, config.logging, config.eval, config.sample,
-        need_reference=False, checkpoint_objects=[tracker] if tracker else [],
+        need_reference=False, checkpoint_objects=([tracker] if tracker else []) + stateful(reward),
     )
     acc = run.accelerator
-    reward = reward_from_specs(config.reward)
     prompts = run.load_prompts(config.prompts)
     local = run.local_slice(d.samples_per_epoch, "ddpo.samples_per_epoch")
     eval_items = run.load_prompts(config.eval.prompts) if config.eval.enabled else []

@@ -33,6 +33,7 @@ from trainers.common import (
     peak_rss_mb,
     eval_reward_list,
     reward_from_specs,
+    stateful,
     training_progress,
 )
 from trainers.losses import rdp_step_weights
@@ -82,9 +83,12 @@ class PRDPConfig:
 def train(config: PRDPConfig) -> dict:
     """Run PRDP; returns paths and final numbers (also in ``metrics.jsonl``)."""
     p = config.prdp
-    run = TrainingRun(config, config.model, config.train, config.checkpoint, config.logging, config.eval, config.sample, need_reference=True)
-    acc = run.accelerator
     reward = reward_from_specs(config.reward)
+    run = TrainingRun(
+        config, config.model, config.train, config.checkpoint, config.logging, config.eval, config.sample,
+        need_reference=True, checkpoint_objects=stateful(reward),
+    )
+    acc = run.accelerator
     prompts = run.load_prompts(config.prompts)
     if len(prompts) < p.prompts_per_epoch:
         raise GenrewardError(

@@ -16,7 +16,11 @@ from genreward.rewards.base import (
 
 # Built-in reward families register themselves on import.
 from genreward.rewards import clip_score as _clip_score  # noqa: F401,E402
+from genreward.rewards import imagenet as _imagenet  # noqa: F401,E402
+from genreward.rewards import imagereward as _imagereward  # noqa: F401,E402
 from genreward.rewards import jpeg as _jpeg  # noqa: F401,E402
 from genreward.rewards import preference as _preference  # noqa: F401,E402
+from genreward.rewards import remote as _remote  # noqa: F401,E402
+from genreward.rewards import shaping as _shaping  # noqa: F401,E402
 
 __all__ = ["Reward", "RewardOutput", "RewardSpec", "WeightedSum", "available", "build", "build_from_spec", "register"]

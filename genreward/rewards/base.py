@@ -70,7 +70,7 @@ def _accepted_options(factory: Callable[..., Any]) -> set[str] | None:
     return {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self"}
 
 
-def build(name: str, **options: Any) -> Reward:
+def build(name: str, /, **options: Any) -> Reward:
     """Build a registered reward by name. Unknown names and options are one-line errors."""
     if name not in _REGISTRY:
         raise GenrewardError(f"unknown reward {name!r}; available rewards: {', '.join(available())}")
@@ -119,6 +119,15 @@ class WeightedSum:
         self.weights = [float(w) for w in weights]
         self.name = name
         self.differentiable = all(r.differentiable for r in self.rewards)
+
+    def state_dict(self) -> dict[str, Any]:
+        """States of stateful components (running statistics, reference caches), for checkpoints."""
+        return {str(i): r.state_dict() for i, r in enumerate(self.rewards) if hasattr(r, "state_dict")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for i, r in enumerate(self.rewards):
+            if str(i) in state and hasattr(r, "load_state_dict"):
+                r.load_state_dict(state[str(i)])
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], **context: Any) -> RewardOutput:
         total = None
