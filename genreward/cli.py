@@ -15,7 +15,7 @@ from genreward.errors import GenrewardError
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from genreward.config import load_config, save_config
+    from genreward.config import load_config
     from genreward.schema import EvalConfig
 
     config = load_config(args.config, EvalConfig, args.overrides)

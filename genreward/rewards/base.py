@@ -15,6 +15,7 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 import torch
 
 from genreward.errors import GenrewardError
+from genreward.images import check_images
 
 
 @dataclass
@@ -40,6 +41,16 @@ class Reward(Protocol):
     differentiable: bool  # True ⇒ scores carry gradients back to the input images
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], **context: Any) -> RewardOutput: ...
+
+
+def check_batch(name: str, images: torch.Tensor, prompts: Sequence[str]) -> None:
+    """The reward input contract: images [B,3,H,W] float in [0,1] and one prompt string per image."""
+    check_images(images)
+    if isinstance(prompts, str) or len(prompts) != images.shape[0]:
+        got = "a single string" if isinstance(prompts, str) else f"{len(prompts)} prompts"
+        raise GenrewardError(f"{name} needs one prompt per image: {images.shape[0]} images, {got}")
+    if any(not isinstance(p, str) for p in prompts):
+        raise GenrewardError(f"{name} prompts must be strings")
 
 
 _REGISTRY: dict[str, Callable[..., Reward]] = {}

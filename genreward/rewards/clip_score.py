@@ -12,9 +12,8 @@ from typing import Any, Sequence
 import torch
 
 from genreward.errors import GenrewardError
-from genreward.images import check_images
 from genreward.models.clip import ClipModel, TextEmbeddingCache, load_clip
-from genreward.rewards.base import RewardOutput, register
+from genreward.rewards.base import RewardOutput, check_batch, register
 
 
 
@@ -45,12 +44,7 @@ class ClipScore:
         return self._texts(prompts)
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], **context: Any) -> RewardOutput:
-        check_images(images)
-        if isinstance(prompts, str) or len(prompts) != images.shape[0]:
-            got = "a single string" if isinstance(prompts, str) else f"{len(prompts)} prompts"
-            raise GenrewardError(f"clip_score needs one prompt per image: {images.shape[0]} images, {got}")
-        if any(not isinstance(p, str) for p in prompts):
-            raise GenrewardError("clip_score prompts must be strings")
+        check_batch("clip_score", images, prompts)
         if images.shape[0] == 0:
             empty = torch.zeros(0, device=images.device)
             return RewardOutput(scores=empty, details={"cosine": empty})

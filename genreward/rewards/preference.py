@@ -24,10 +24,9 @@ from typing import Any, Sequence
 import torch
 
 from genreward.errors import GenrewardError, OfflineModelError
-from genreward.images import check_images
 from genreward.models.clip import ClipModel, TextEmbeddingCache, load_clip
 from genreward.models.hub import hub_offline
-from genreward.rewards.base import RewardOutput, register
+from genreward.rewards.base import RewardOutput, check_batch, register
 
 
 HPS_REPO = "xswu/HPSv2"
@@ -47,16 +46,6 @@ AESTHETIC_HEAD_ORIGIN = "github.com/christophschuhmann/improved-aesthetic-predic
 
 def _first_line(exc: BaseException) -> str:
     return ((str(exc).strip().splitlines() or [type(exc).__name__])[0])[:200]
-
-
-def _check_batch(name: str, images: torch.Tensor, prompts: Sequence[str]) -> None:
-    """Images follow the contract and there is one prompt string per image."""
-    check_images(images)
-    if isinstance(prompts, str) or len(prompts) != images.shape[0]:
-        got = "a single string" if isinstance(prompts, str) else f"{len(prompts)} prompts"
-        raise GenrewardError(f"{name} needs one prompt per image: {images.shape[0]} images, {got}")
-    if any(not isinstance(p, str) for p in prompts):
-        raise GenrewardError(f"{name} prompts must be strings")
 
 
 def _hub_file(repo: str, filename: str, what: str, option: str) -> str:
@@ -147,7 +136,7 @@ class _PromptImageCosine:
         return self._texts(prompts)
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], **context: Any) -> RewardOutput:
-        _check_batch(self.name, images, prompts)
+        check_batch(self.name, images, prompts)
         if images.shape[0] == 0:
             empty = torch.zeros(0, device=images.device)
             return RewardOutput(scores=empty, details={"cosine": empty})
@@ -334,7 +323,7 @@ class LaionAesthetic:
         self.head_path = head_path
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], **context: Any) -> RewardOutput:
-        _check_batch(self.name, images, prompts)
+        check_batch(self.name, images, prompts)
         if images.shape[0] == 0:
             return RewardOutput(scores=torch.zeros(0, device=images.device))
         with torch.set_grad_enabled(torch.is_grad_enabled() and images.requires_grad):

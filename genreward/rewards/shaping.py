@@ -29,9 +29,17 @@ import torch
 import torch.nn.functional as F
 
 from genreward.errors import GenrewardError
-from genreward.images import check_images
 from genreward.models.clip import ClipModel, TextEmbeddingCache, load_clip
-from genreward.rewards.base import Reward, RewardOutput, RewardSpec, WeightedSum, build_from_spec, register, spec_from_dict
+from genreward.rewards.base import (
+    Reward,
+    RewardOutput,
+    RewardSpec,
+    WeightedSum,
+    build_from_spec,
+    check_batch,
+    register,
+    spec_from_dict,
+)
 
 log = logging.getLogger("genreward.rewards")
 
@@ -563,12 +571,7 @@ class GoalBaseline:
         return g, b
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], **context: Any) -> RewardOutput:
-        check_images(images)
-        if isinstance(prompts, str) or len(prompts) != images.shape[0]:
-            got = "a single string" if isinstance(prompts, str) else f"{len(prompts)} prompts"
-            raise GenrewardError(f"goal_baseline needs one prompt per image: {images.shape[0]} images, {got}")
-        if any(not isinstance(p, str) for p in prompts):
-            raise GenrewardError("goal_baseline prompts must be strings")
+        check_batch("goal_baseline", images, prompts)
         if images.shape[0] == 0:
             return RewardOutput(scores=torch.zeros(0, device=images.device))
         per_prompt = {p: self.goal_and_baseline(p) for p in dict.fromkeys(prompts)}
