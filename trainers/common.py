@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import json
 import logging
 import math
@@ -617,7 +616,3 @@ def plot_reward_curve(metrics_path: Path, out_path: Path, key: str = "reward_mea
     fig.savefig(out_path)
     plt.close(fig)
     return out_path
-
-
-def config_fields(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)}
