@@ -91,6 +91,22 @@ def _cmd_gallery(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_best_of_n(args: argparse.Namespace) -> int:
+    """Sample N images per prompt, keep the top k as reference images for pairwise judges/trainers."""
+    from genreward.best_of_n import BestOfNConfig, run_best_of_n
+    from genreward.config import load_config
+
+    config = load_config(args.config, BestOfNConfig, args.overrides)
+    start = time.perf_counter()
+    result = run_best_of_n(config)
+    prompts = len({rec["prompt_index"] for rec in result.chosen})
+    print(f"kept {len(result.chosen)} of {prompts * config.n} images ({config.ranking}, top {config.top_k} of {config.n}) "
+          f"in {time.perf_counter() - start:.1f}s")
+    print(f"references: {result.references}")
+    print(f"gallery: {result.gallery}")
+    return 0
+
+
 def _cmd_serve_reward(args: argparse.Namespace) -> int:
     """Serve the config's reward over HTTP until Ctrl-C/SIGTERM (clients use the ``remote`` reward)."""
     from genreward.serve import serve_reward
@@ -130,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", default=None, help="another run folder shown as the 'before' column")
     p.add_argument("--out", default=None, help="where to write the HTML (default: inside RUN_DIR)")
     p.set_defaults(func=_cmd_gallery)
+
+    p = sub.add_parser("best-of-n", help="best-of-N reference images per prompt (for pairwise judges)")
+    p.add_argument("config", help="YAML with model, sample, prompts, n, top_k, seed, reward, ranking")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. n=16 top_k=2 ranking=pairwise_wins")
+    p.set_defaults(func=_cmd_best_of_n)
 
     p = sub.add_parser("serve-reward", help="serve a reward over HTTP for other processes (the `remote` reward)")
     p.add_argument("config", help="YAML with a `reward:` list of {name, options, weight}")

@@ -128,7 +128,7 @@ def test_resume_gives_identical_weights_and_metrics(tmp_path):
     b = load_file(tmp_path / "split" / "checkpoints" / "checkpoint-3" / "pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    keys = ("epoch", "reward_mean", "reward_std", "loss", "loss_first", "grad_norm", "num_pairs")
+    keys = ("epoch", "reward_mean", "reward_std", "reward_mean_window_std", "loss", "loss_first", "grad_norm", "num_pairs")
     assert [{k: r[k] for k in keys} for r in _metrics(tmp_path / "straight")] == [
         {k: r[k] for k in keys} for r in _metrics(tmp_path / "split")
     ]
@@ -227,3 +227,33 @@ def test_stateful_reward_state_is_checkpointed(tmp_path):
     train(config)
     state = torch.load(tmp_path / "run" / "checkpoints" / "checkpoint-0" / "custom_checkpoint_0.pkl", weights_only=False)
     assert state["stats"] and all(v[0] == 3 for v in state["stats"].values())  # 3 images per prompt seen
+
+
+def test_reward_variance_monitor_keys(tmp_path):
+    """Spec (rewarddance.md §5, §8 item 8): within-prompt std and the sliding-window std of the epoch mean."""
+    from types import SimpleNamespace
+
+    from trainers.prdp import REWARD_WINDOW, epoch_record
+
+    config, train = _config(tmp_path, ["prdp.epochs=2", "prdp.updates_per_epoch=1", "eval.enabled=false", "checkpoint.every_epochs=0"])
+    train(config)
+    rows = _metrics(tmp_path / "run")
+    means = torch.tensor([r["reward_mean"] for r in rows], dtype=torch.float64)
+    for e, r in enumerate(rows):
+        assert r["reward_mean_window_std"] == pytest.approx(float(means[: e + 1].std(unbiased=False)), abs=1e-12)
+        assert r["reward_std_within_prompt"] >= 0.0 and r["reward_std_within_prompt"] <= r["reward_std"] + 1e-9
+    assert rows[0]["reward_mean_window_std"] == 0.0 and rows[-1]["reward_mean_window_std"] > 0.0
+
+    # Direct call: a 12-epoch history (window of 10) and fixed rewards; NaN rewards are left out of groups.
+    history = [0.1 * k * k for k in range(12)]
+    run = SimpleNamespace(gather_rewards=lambda t: t, accelerator=SimpleNamespace(is_main_process=True), reward_means=history)
+    rewards = torch.tensor([[1.0, 2.0, 3.0], [5.0, 5.0, float("nan")]])
+    rec = epoch_record(run, 12, "r", rewards, torch.isfinite(rewards))
+    expected_within = (torch.tensor([1.0, 2.0, 3.0]).std(unbiased=False).item() + 0.0) / 2
+    assert rec["reward_std_within_prompt"] == pytest.approx(expected_within)
+    window = torch.tensor(history[-(REWARD_WINDOW - 1):] + [rec["reward_mean"]], dtype=torch.float64)
+    assert REWARD_WINDOW == 10 and rec["reward_mean_window_std"] == pytest.approx(float(window.std(unbiased=False)))
+    # DDPO's flat batch: groups by prompt text, in gather order.
+    flat = torch.tensor([1.0, 4.0, 2.0, 8.0])
+    rec = epoch_record(run, 12, "r", flat.view(-1, 1), torch.ones(4, 1, dtype=torch.bool), prompts=["a", "b", "a", "b"])
+    assert rec["reward_std_within_prompt"] == pytest.approx((0.5 + 2.0) / 2)

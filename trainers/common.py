@@ -223,6 +223,7 @@ class TrainingRun:
         if trackers:
             acc.init_trackers(logging_cfg.project, config=_flat("", to_dict(config), {}))
         self.metrics_path = self.output_dir / "metrics.jsonl"
+        self.reward_means: list[float] = []  # reward_mean per logged epoch (sliding-window diagnostics)
         self._load_models(need_reference)
         for obj in checkpoint_objects:  # objects with state_dict()/load_state_dict(), e.g. DDPO's stat tracker
             acc.register_for_checkpointing(obj)
@@ -384,6 +385,8 @@ class TrainingRun:
     def log_metrics(self, record: dict) -> None:
         """One line in metrics.jsonl (main process) and the trackers; ``record['epoch']`` is the step."""
         acc = self.accelerator
+        if "reward_mean" in record:
+            self.reward_means.append(record["reward_mean"])
         if acc.is_main_process:
             append_jsonl(self.metrics_path, record)
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
@@ -467,6 +470,7 @@ class TrainingRun:
         if self.accelerator.is_main_process and self.metrics_path.exists():
             kept = [r for r in read_jsonl(self.metrics_path) if int(r.get("epoch", -1)) <= epoch]
             self.metrics_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+            self.reward_means = [r["reward_mean"] for r in kept if r.get("reward_mean") is not None]
         self.accelerator.wait_for_everyone()
         log.info("resumed from %s (epoch %d done)", path, epoch)
         return epoch + 1

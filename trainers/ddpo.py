@@ -149,7 +149,7 @@ def train(config: DDPOConfig) -> dict:
                     n_stats += 1
                     if sync:
                         grad_norm = run.optimizer_step()
-        record = epoch_record(run, epoch, reward.name, rewards.view(-1, 1), torch.isfinite(rewards).view(-1, 1))
+        record = epoch_record(run, epoch, reward.name, rewards.view(-1, 1), torch.isfinite(rewards).view(-1, 1), prompts=all_texts)
         record.update({k: v / max(n_stats, 1) for k, v in stats_sum.items()})
         record.update(ratio_first=first_ratio, grad_norm=grad_norm, lr=config.train.optim.lr, peak_rss_mb=peak_rss_mb())
         if tracker:
