@@ -14,6 +14,7 @@ from genreward.errors import GenrewardError
 TRAINERS: dict[str, tuple[str, str]] = {
     "prdp": ("trainers.prdp", "PRDPConfig"),
     "ddpo": ("trainers.ddpo", "DDPOConfig"),
+    "reward_model": ("trainers.reward_model", "RewardModelConfig"),
 }
 
 

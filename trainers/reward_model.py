@@ -1,0 +1,400 @@
+"""Train a generative yes/no judge (RewardDance §4) that :mod:`genreward.rewards.vlm_judge` then uses as reward.
+
+The judge is built with :class:`~genreward.rewards.vlm_judge.VLMJudge` itself, so training sees exactly the
+queries (chat template, image tokens, first answer position) that the reward reads at RL time. Objectives:
+
+* ``pointwise`` — rows ``{"prompt", "image", "label"}``; CE on the "Yes"/"No" token.
+* ``pairwise`` — rows ``{"prompt", "chosen", "rejected"}``; "is image 2 better than image 1?" asked in both
+  orders with flipped labels (position-bias control); reports P(2≻1)+P(1≻2) as a symmetry diagnostic.
+* ``bradley_terry`` — pairwise rows scored pointwise, s = ℓ_yes − ℓ_no, BT loss + small CE (spec §4).
+
+The trained judge is written with ``save_pretrained`` to ``output_dir/judge`` (model + processor), loadable
+as ``vlm_judge(model=<output_dir>/judge)``. Single process (the judge forward calls the inner modules
+directly, which a DDP wrapper would bypass).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from genreward.errors import GenrewardError
+from genreward.images import load_images
+from genreward.jsonl import append_jsonl, iter_jsonl
+from genreward.rewards.vlm_judge import VLMJudge
+from trainers.common import CheckpointSection, LoggingSection, Timer, peak_rss_mb
+from trainers.losses_judge import pairwise_judge_loss, pointwise_bt_loss, yes_no_ce
+
+log = logging.getLogger("genreward.reward_model")
+
+Objective = Literal["pointwise", "pairwise", "bradley_terry"]
+_YES = {"yes", "1", "true"}
+_NO = {"no", "0", "false"}
+
+
+@dataclass
+class JudgeDataSection:
+    train: str = "???"
+    eval: str | None = None
+    image_size: int | None = None  # resize images to this square side (more image tokens for tiny inputs)
+    eval_subset: int | None = None  # periodic evals use the first N eval rows; the final eval uses all
+
+
+@dataclass
+class JudgeSection:
+    """How the judge is queried; the same fields as the ``vlm_judge`` reward so the trained judge matches."""
+
+    criteria: str | None = None
+    template: str | None = None  # must contain {prompt}; None = vlm_judge's default for the mode
+    yes_token: str = "Yes"
+    no_token: str = "No"
+
+
+@dataclass
+class JudgeLoraSection:
+    rank: int = 8
+    alpha: float | None = None
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    dropout: float = 0.0
+
+
+@dataclass
+class RewardTrainSection:
+    objective: Objective = "pointwise"
+    trainable: Literal["full", "lora"] = "full"
+    lora: JudgeLoraSection = field(default_factory=JudgeLoraSection)
+    lr: float = 1e-4
+    vision_lr_scale: float = 1.0  # lr multiplier for the vision tower + projector
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    full_vocab_ce: bool = True  # token CE over the whole vocabulary (else two-way yes/no CE)
+    ce_weight: float = 0.1  # bradley_terry only
+    epochs: int = 1
+    max_steps: int | None = None  # stop earlier than epochs·steps_per_epoch
+    batch_size: int = 16
+    eval_every: int = 50  # steps; 0 = only at the end
+    seed: int = 0
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"key 'train.{name}' must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.vision_lr_scale < 0:
+            raise ValueError("keys 'train.lr' must be > 0 and 'train.vision_lr_scale' >= 0")
+
+
+@dataclass
+class RewardModelConfig:
+    output_dir: str
+    trainer: Literal["reward_model"] = "reward_model"
+    model: str = "tiny:qwen2-vl"
+    data: JudgeDataSection = field(default_factory=JudgeDataSection)
+    judge: JudgeSection = field(default_factory=JudgeSection)
+    train: RewardTrainSection = field(default_factory=RewardTrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=lambda: LoggingSection(trackers=[]))
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def _label(value: Any, where: str) -> int:
+    text = str(value).strip().lower() if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+    if text in _YES:
+        return 1
+    if text in _NO:
+        return 0
+    raise GenrewardError(f"{where}: label must be \"yes\"/\"no\" or 1/0, got {value!r}")
+
+
+def _image_path(row: dict, key: str, base: Path, where: str) -> str:
+    value = row.get(key)
+    if not isinstance(value, str) or not value:
+        raise GenrewardError(f"{where}: missing image path key {key!r}")
+    path = Path(value) if Path(value).is_absolute() else base / value
+    if not path.is_file():
+        raise GenrewardError(f"{where}: image file not found: {path}")
+    return str(path)
+
+
+def load_judge_rows(path: str | Path, objective: str) -> list[dict]:
+    """Rows of a judge JSONL, checked; errors name the file and line. Relative image paths are resolved
+    against the JSONL's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise GenrewardError(f"judge data file not found: {path}")
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, row in iter_jsonl(fh, path):
+            where = f"{path}:{lineno}"
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise GenrewardError(f"{where}: each line must be an object with a string 'prompt'")
+            if objective == "pointwise":
+                if "label" not in row:
+                    raise GenrewardError(f"{where}: missing 'label' (\"yes\"/\"no\" or 1/0)")
+                rows.append({"prompt": row["prompt"], "image": _image_path(row, "image", path.parent, where),
+                             "label": _label(row["label"], where)})
+            else:
+                rows.append({"prompt": row["prompt"], "chosen": _image_path(row, "chosen", path.parent, where),
+                             "rejected": _image_path(row, "rejected", path.parent, where)})
+    if not rows:
+        raise GenrewardError(f"judge data file {path} has no rows")
+    return rows
+
+
+def majority_baseline(train_rows: list[dict], eval_rows: list[dict]) -> float:
+    """Accuracy on ``eval_rows`` of answering each question text with its most frequent training answer
+    (overall majority for unseen questions): what a judge that ignores the image can reach."""
+    per_q: dict[str, Counter] = defaultdict(Counter)
+    for r in train_rows:
+        per_q[r["prompt"]][r["label"]] += 1
+    overall = Counter(r["label"] for r in train_rows).most_common(1)[0][0]
+    hits = [(per_q[r["prompt"]].most_common(1)[0][0] if r["prompt"] in per_q else overall) == r["label"] for r in eval_rows]
+    return sum(hits) / len(hits)
+
+
+class _ImageCache:
+    """Decoded images by path (small datasets are read once)."""
+
+    def __init__(self, size: int | None):
+        self.size = (size, size) if size else None
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, path: str) -> torch.Tensor:
+        if path not in self.cache:
+            self.cache[path] = load_images([path], size=self.size)[0]
+        return self.cache[path]
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+def _vision_param(name: str) -> bool:
+    return any(k in name for k in ("visual", "vision_tower", "multi_modal_projector"))
+
+
+def _make_trainable(judge: VLMJudge, cfg: RewardTrainSection) -> Any:
+    """Unfreeze (full) or inject LoRA adapters in place (peft); returns the peft wrapper or None."""
+    model = judge.model
+    model.train()
+    if cfg.trainable == "full":
+        model.requires_grad_(True)
+        return None
+    from peft import LoraConfig, get_peft_model
+
+    lc = cfg.lora
+    peft_model = get_peft_model(model, LoraConfig(r=lc.rank, lora_alpha=lc.alpha or lc.rank,
+                                                  target_modules=list(lc.targets), lora_dropout=lc.dropout))
+    return peft_model
+
+
+def _optimizer(model: torch.nn.Module, cfg: RewardTrainSection) -> torch.optim.Optimizer:
+    vision, text = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (vision if _vision_param(name) else text).append(p)
+    groups = [{"params": text, "lr": cfg.lr}]
+    if vision:
+        groups.append({"params": vision, "lr": cfg.lr * cfg.vision_lr_scale})
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+
+
+def _answer(judge: VLMJudge, queries: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ℓ_yes, ℓ_no, logsumexp) at the first answer position of each query."""
+    logits = judge.answer_logits(queries)[:, 0]
+    return logits[:, judge.yes_id], logits[:, judge.no_id], torch.logsumexp(logits, dim=-1)
+
+
+def _units(judge: VLMJudge, image: torch.Tensor) -> Any:
+    return judge._image_units(image[None])[0]
+
+
+def batch_loss(judge: VLMJudge, rows: list[dict], images: _ImageCache, cfg: RewardTrainSection) -> torch.Tensor:
+    """The objective's loss on one batch of rows."""
+    if cfg.objective == "pointwise":
+        queries = [([_units(judge, images(r["image"]))], judge.question(r["prompt"])) for r in rows]
+        y, n, lse = _answer(judge, queries)
+        label = torch.tensor([r["label"] for r in rows], device=y.device)
+        return yes_no_ce(y, n, label, lse if cfg.full_vocab_ce else None)
+    chosen = [_units(judge, images(r["chosen"])) for r in rows]
+    rejected = [_units(judge, images(r["rejected"])) for r in rows]
+    questions = [judge.question(r["prompt"]) for r in rows]
+    if cfg.objective == "pairwise":
+        queries = [([r, c], q) for c, r, q in zip(chosen, rejected, questions)]  # image 2 = chosen → "yes"
+        queries += [([c, r], q) for c, r, q in zip(chosen, rejected, questions)]  # swapped → "no"
+        y, n, lse = _answer(judge, queries)
+        label = torch.cat([torch.ones(len(rows)), torch.zeros(len(rows))]).to(y.device)
+        return pairwise_judge_loss(y, n, label, lse if cfg.full_vocab_ce else None)
+    y, n, _ = _answer(judge, [([u], q) for u, q in zip(chosen + rejected, questions + questions)])
+    s = y - n
+    return pointwise_bt_loss(s[: len(rows)], s[len(rows):], cfg.ce_weight)
+
+
+@torch.no_grad()
+def evaluate(judge: VLMJudge, rows: list[dict], images: _ImageCache, objective: str) -> dict[str, float]:
+    """Held-out accuracy (decision ℓ_yes > ℓ_no; for pairs: the chosen image wins), plus pairwise symmetry."""
+    was_training = judge.model.training
+    judge.model.eval()
+    out: dict[str, float] = {}
+    if objective == "pointwise":
+        queries = [([_units(judge, images(r["image"]))], judge.question(r["prompt"])) for r in rows]
+        y, n, _ = _answer(judge, queries)
+        pred = (y > n).long().cpu()
+        out["heldout_accuracy"] = float((pred == torch.tensor([r["label"] for r in rows])).float().mean())
+    else:
+        chosen = [_units(judge, images(r["chosen"])) for r in rows]
+        rejected = [_units(judge, images(r["rejected"])) for r in rows]
+        qs = [judge.question(r["prompt"]) for r in rows]
+        if objective == "pairwise":
+            y, n, _ = _answer(judge, [([r, c], q) for c, r, q in zip(chosen, rejected, qs)]
+                              + [([c, r], q) for c, r, q in zip(chosen, rejected, qs)])
+            p = torch.sigmoid(y - n).cpu()
+            p_c, p_r = p[: len(rows)], p[len(rows):]  # P(chosen ≻ rejected), P(rejected ≻ chosen)
+            out["heldout_accuracy"] = float((p_c > p_r).float().mean())
+            out["order_accuracy"] = float(torch.cat([p_c > 0.5, p_r < 0.5]).float().mean())
+            out["symmetry"] = float((p_c + p_r).mean())  # ≈ 1 for a position-consistent judge
+        else:
+            y, n, _ = _answer(judge, [([u], q) for u, q in zip(chosen + rejected, qs + qs)])
+            s = (y - n).cpu()
+            out["heldout_accuracy"] = float((s[: len(rows)] > s[len(rows):]).float().mean())
+    judge.model.train(was_training)
+    return out
+
+
+def save_judge(judge: VLMJudge, peft_model: Any, folder: Path) -> Path:
+    """``save_pretrained`` of model (LoRA merged) and processor, loadable by ``vlm_judge(model=folder)``."""
+    model = peft_model.merge_and_unload() if peft_model is not None else judge.model
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    processor = judge.processor
+    if not hasattr(processor, "image_processor"):  # the tiny judges carry a bare tokenizer
+        if not judge.info.is_qwen:
+            raise GenrewardError("saving a judge with a bare tokenizer is supported for Qwen-VL families only")
+        from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+        info = judge.info
+        image_proc = Qwen2VLImageProcessor(
+            image_mean=list(info.image_mean), image_std=list(info.image_std), patch_size=info.patch_size,
+            merge_size=info.merge_size, temporal_patch_size=info.temporal_patch_size,
+            size={"shortest_edge": info.min_pixels, "longest_edge": info.max_pixels},
+        )
+        processor = Qwen2VLProcessor(image_processor=image_proc, tokenizer=processor,
+                                     video_processor=Qwen2VLVideoProcessor(), chat_template=processor.chat_template)
+    processor.save_pretrained(folder)
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------ loop
+
+
+def _latest_checkpoint(folder: Path) -> Path | None:
+    found = sorted(folder.glob("step_*"), key=lambda p: int(p.name.split("_")[1])) if folder.is_dir() else []
+    return found[-1] if found else None
+
+
+def train(config: RewardModelConfig) -> dict:
+    """Train the judge; returns final numbers and paths (also appended to ``metrics.jsonl``)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    cfg = config.train
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path, ckpt_dir = out / "metrics.jsonl", out / "checkpoints"
+    acc = Accelerator(cpu=cfg.device == "cpu")
+    if acc.num_processes > 1:
+        raise GenrewardError("trainer reward_model runs in a single process; launch it without accelerate multi-process")
+    set_seed(cfg.seed)
+    kind = "pointwise" if cfg.objective == "pointwise" else "pairwise"
+    train_rows = load_judge_rows(config.data.train, kind)
+    eval_rows = load_judge_rows(config.data.eval, kind) if config.data.eval else []
+    baseline = majority_baseline(train_rows, eval_rows) if kind == "pointwise" and eval_rows else 0.5
+    images = _ImageCache(config.data.image_size)
+
+    jc = config.judge
+    judge = VLMJudge(model=config.model, mode="pairwise" if cfg.objective == "pairwise" else "pointwise",
+                     criteria=jc.criteria, template=jc.template, yes_token=jc.yes_token, no_token=jc.no_token,
+                     device=acc.device, batch_size=cfg.batch_size * 2)
+    peft_model = _make_trainable(judge, cfg)
+    optimizer = _optimizer(judge.model, cfg)
+    judge.model, optimizer = acc.prepare(judge.model, optimizer)
+
+    steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    step = 0
+    resume = config.checkpoint.resume_from
+    if resume:
+        path = _latest_checkpoint(ckpt_dir) if resume == "latest" else Path(resume)
+        if path is not None:
+            if not path.is_dir():
+                raise GenrewardError(f"checkpoint folder not found: {path}")
+            acc.load_state(str(path))
+            step = json.loads((path / "progress.json").read_text())["step"]
+            log.info("resumed from %s at step %d", path, step)
+
+    def do_eval(full: bool = False) -> dict:
+        if not eval_rows:
+            return {}
+        rows = eval_rows if full or not config.data.eval_subset else eval_rows[: config.data.eval_subset]
+        return evaluate(judge, rows, images, cfg.objective)
+
+    start = time.perf_counter()
+    timer = Timer()
+    if step == 0 and eval_rows:
+        append_jsonl(metrics_path, {"step": 0, "majority_baseline": baseline, **do_eval(), "wall_s": 0.0})
+    every_ckpt = config.checkpoint.every_epochs * steps_per_epoch
+    last_loss = float("nan")
+    while step < total:
+        epoch, offset = divmod(step, steps_per_epoch)
+        order = list(range(len(train_rows)))
+        random.Random(cfg.seed * 1_000_003 + epoch).shuffle(order)
+        batch = [train_rows[i] for i in order[offset * cfg.batch_size : (offset + 1) * cfg.batch_size]]
+        with timer("train"):
+            loss = batch_loss(judge, batch, images, cfg)
+            acc.backward(loss)
+            if cfg.max_grad_norm > 0:
+                acc.clip_grad_norm_(judge.model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        step += 1
+        last_loss = float(loss.detach())
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
+            with timer("eval"):
+                record = {"step": step, "loss": last_loss, "majority_baseline": baseline, **do_eval(),
+                          "wall_s": round(time.perf_counter() - start, 2), "peak_rss_mb": round(peak_rss_mb(), 1)}
+            append_jsonl(metrics_path, record)
+            log.info("step %d %s", step, record)
+        if (every_ckpt and step % every_ckpt == 0) or step == total:
+            path = ckpt_dir / f"step_{step}"
+            acc.save_state(str(path))
+            (path / "progress.json").write_text(json.dumps({"step": step}))
+            _prune(ckpt_dir, config.checkpoint.total_limit)
+
+    judge.model.eval()
+    final = do_eval(full=True)
+    judge_dir = save_judge(judge, peft_model, out / "judge")
+    result = {"step": step, "loss": last_loss, "majority_baseline": baseline, **final,
+              "wall_s": round(time.perf_counter() - start, 2), "seconds": {k: round(v, 2) for k, v in timer.seconds.items()},
+              "judge_dir": str(judge_dir), "metrics": str(metrics_path)}
+    append_jsonl(metrics_path, {"final": True, **{k: v for k, v in result.items() if k not in ("judge_dir", "metrics")}})
+    return result
+
+
+def _prune(folder: Path, limit: int | None) -> None:
+    if not limit:
+        return
+    import shutil
+
+    found = sorted(folder.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+    for old in found[:-limit]:
+        shutil.rmtree(old)
