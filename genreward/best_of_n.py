@@ -40,7 +40,7 @@ import torch
 from genreward.errors import GenrewardError
 from genreward.images import load_images
 from genreward.jsonl import iter_jsonl
-from genreward.rewards.base import Reward, RewardSpec, WeightedSum, build_from_spec
+from genreward.rewards.base import Reward, RewardSpec, reward_from_specs
 from genreward.schema import ModelConfig, PromptsConfig, SampleConfig
 
 REFERENCES_FILE = "references.jsonl"
@@ -142,13 +142,6 @@ def pairwise_matrix(judge: Reward, images: torch.Tensor, prompt: str, metadata: 
     return matrix
 
 
-def _ranking_reward(specs: Sequence[RewardSpec]) -> Reward:
-    """One reward from the config list: a single spec as is, several as a weighted sum named ``best_of_n``."""
-    if len(specs) == 1 and specs[0].weight == 1.0:
-        return build_from_spec(specs[0])
-    return WeightedSum([build_from_spec(s) for s in specs], [s.weight for s in specs], name="best_of_n")
-
-
 def run_best_of_n(config: BestOfNConfig, pipe=None, progress: bool = True) -> BestOfNResult:
     """Sample, rank and write the reference folder (``pipe`` overrides ``config.model``, e.g. in tests)."""
     from genreward.config import save_config
@@ -161,7 +154,7 @@ def run_best_of_n(config: BestOfNConfig, pipe=None, progress: bool = True) -> Be
     items = load_prompt_set(config.prompts.path, column=config.prompts.column)
     if config.prompts.limit is not None:
         items = items[: config.prompts.limit]
-    reward = _ranking_reward(config.reward)
+    reward = reward_from_specs(config.reward, name="best_of_n")
     pairwise = config.ranking == "pairwise_wins"
     if pairwise and getattr(reward, "mode", None) != "pairwise":
         raise GenrewardError("ranking 'pairwise_wins' needs a vlm_judge reward with mode: pairwise")

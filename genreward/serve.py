@@ -39,7 +39,7 @@ from PIL import Image
 
 from genreward.errors import GenrewardError
 from genreward.images import from_pil
-from genreward.rewards.base import Reward, RewardSpec, WeightedSum, build_from_spec
+from genreward.rewards.base import Reward, RewardSpec, reward_from_specs
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +63,7 @@ class ServeConfig:
 
 def build_served_reward(config: ServeConfig) -> Reward:
     """One spec → that reward; several → their :class:`WeightedSum` (details keep each component)."""
-    if len(config.reward) == 1:
-        reward = build_from_spec(config.reward[0])
-    else:
-        reward = WeightedSum([build_from_spec(s) for s in config.reward], [s.weight for s in config.reward])
+    reward = reward_from_specs(config.reward, name="weighted_sum")
     if config.name:
         reward.name = config.name
     return reward

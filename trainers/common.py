@@ -35,7 +35,7 @@ from genreward.errors import GenrewardError
 from genreward.jsonl import append_jsonl, read_jsonl
 from genreward.models.device import resolve_dtype
 from genreward.prompts import PromptItem, load_prompt_set
-from genreward.rewards.base import Reward, RewardSpec, WeightedSum, build_from_spec
+from genreward.rewards.base import Reward, RewardSpec, build_from_spec
 from genreward.sampling import Trajectory, step_log_prob
 from genreward.schema import EvalSection, ModelConfig, PromptsConfig, SampleConfig
 
@@ -108,15 +108,6 @@ class TrainEvalSection(EvalSection):
 
 
 # ------------------------------------------------------------------------------------------- utilities
-
-
-def reward_from_specs(specs: Sequence[RewardSpec], name: str = "reward") -> Reward:
-    """One reward from a config list: a single spec as is (weight applied), several as a weighted sum."""
-    if not specs:
-        raise GenrewardError("the config lists no reward; add at least one under 'reward'")
-    if len(specs) == 1 and specs[0].weight == 1.0:
-        return build_from_spec(specs[0])
-    return WeightedSum([build_from_spec(s) for s in specs], [s.weight for s in specs], name=name)
 
 
 def stateful(reward: Reward) -> list[Reward]:

@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from genreward.rewards.base import RewardSpec
+from genreward.rewards.base import RewardSpec, reward_from_specs
 from genreward.sampling import sample_trajectories, step_log_prob
 from genreward.schema import ModelConfig, PromptsConfig, SampleConfig
 from trainers.common import (
@@ -30,7 +30,6 @@ from trainers.common import (
     derived_seed,
     eval_reward_list,
     peak_rss_mb,
-    reward_from_specs,
     stateful,
     training_progress,
 )

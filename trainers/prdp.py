@@ -20,7 +20,7 @@ from typing import Literal, Sequence
 import torch
 
 from genreward.errors import GenrewardError
-from genreward.rewards.base import RewardSpec
+from genreward.rewards.base import RewardSpec, reward_from_specs
 from genreward.sampling import sample_trajectories
 from genreward.schema import ModelConfig, PromptsConfig, SampleConfig
 from trainers.common import (
@@ -33,7 +33,6 @@ from trainers.common import (
     derived_seed,
     peak_rss_mb,
     eval_reward_list,
-    reward_from_specs,
     stateful,
     training_progress,
 )

@@ -120,6 +120,15 @@ def build_from_spec(spec: RewardSpec) -> Reward:
     return reward
 
 
+def reward_from_specs(specs: Sequence[RewardSpec], name: str = "reward") -> Reward:
+    """One reward from a config list: a single spec as is (weight 1), otherwise their weighted sum."""
+    if not specs:
+        raise GenrewardError("the config lists no reward; add at least one under 'reward'")
+    if len(specs) == 1 and specs[0].weight == 1.0:
+        return build_from_spec(specs[0])
+    return WeightedSum([build_from_spec(s) for s in specs], [s.weight for s in specs], name=name)
+
+
 class WeightedSum:
     """Composition: score = Σ_k w_k · r_k. Details keep each component's score under its name."""
 
