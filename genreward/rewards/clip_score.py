@@ -16,27 +16,15 @@ from genreward.models.clip import ClipModel, TextEmbeddingCache, load_clip
 from genreward.rewards.base import RewardOutput, check_batch, register
 
 
-
-@register("clip_score")
-class ClipScore:
-    """Prompt–image cosine similarity under a frozen CLIP; gradients flow to the pixels only."""
+class PromptImageCosine:
+    """``scale`` · cos(image embedding, prompt embedding) under a frozen CLIP, with a prompt-embedding cache."""
 
     differentiable = True
 
-    def __init__(
-        self,
-        model: str = "tiny:clip",
-        backend: str = "auto",
-        device: str | torch.device | None = None,
-        dtype: str = "fp32",
-        scale: float = 1.0,
-    ):
-        try:
-            self.scale = float(scale)
-        except (TypeError, ValueError):
-            raise GenrewardError(f"clip_score option scale must be a number, got {scale!r}") from None
-        self.name = "clip_score"
-        self.clip: ClipModel = load_clip(model, backend=backend, device=device, dtype=dtype)
+    def __init__(self, name: str, clip: ClipModel, scale: float = 1.0):
+        self.name = name
+        self.clip = clip
+        self.scale = float(scale)
         self._texts = TextEmbeddingCache(self.clip)
 
     def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -44,7 +32,7 @@ class ClipScore:
         return self._texts(prompts)
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], **context: Any) -> RewardOutput:
-        check_batch("clip_score", images, prompts)
+        check_batch(self.name, images, prompts)
         if images.shape[0] == 0:
             empty = torch.zeros(0, device=images.device)
             return RewardOutput(scores=empty, details={"cosine": empty})
@@ -55,3 +43,25 @@ class ClipScore:
             cosine = (image_emb * texts.to(image_emb.device)).sum(dim=-1)
             scores = (self.scale * cosine).to(device=images.device, dtype=torch.float32)
         return RewardOutput(scores=scores, details={"cosine": cosine.detach().to(images.device, torch.float32)})
+
+
+# ----------------------------------------------------------------------------------------------- HPSv2
+
+
+@register("clip_score")
+class ClipScore(PromptImageCosine):
+    """Prompt–image cosine similarity under a frozen CLIP; gradients flow to the pixels only."""
+
+    def __init__(
+        self,
+        model: str = "tiny:clip",
+        backend: str = "auto",
+        device: str | torch.device | None = None,
+        dtype: str = "fp32",
+        scale: float = 1.0,
+    ):
+        try:
+            scale = float(scale)
+        except (TypeError, ValueError):
+            raise GenrewardError(f"clip_score option scale must be a number, got {scale!r}") from None
+        super().__init__("clip_score", load_clip(model, backend=backend, device=device, dtype=dtype), scale)

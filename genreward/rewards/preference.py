@@ -24,9 +24,10 @@ from typing import Any, Sequence
 import torch
 
 from genreward.errors import GenrewardError, OfflineModelError
-from genreward.models.clip import ClipModel, TextEmbeddingCache, load_clip
+from genreward.models.clip import ClipModel, load_clip
 from genreward.models.hub import hub_offline
 from genreward.rewards.base import RewardOutput, check_batch, register
+from genreward.rewards.clip_score import PromptImageCosine
 
 
 HPS_REPO = "xswu/HPSv2"
@@ -120,40 +121,8 @@ def _embed_dim(clip: ClipModel) -> int:
     return int(clip.model.visual.output_dim)
 
 
-class _PromptImageCosine:
-    """``scale`` · cos(image embedding, prompt embedding) under a frozen CLIP, with a prompt-embedding cache."""
-
-    differentiable = True
-
-    def __init__(self, name: str, clip: ClipModel, scale: float = 1.0):
-        self.name = name
-        self.clip = clip
-        self.scale = float(scale)
-        self._texts = TextEmbeddingCache(self.clip)
-
-    def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Normalised, gradient-free text embeddings ``[B, D]``, cached per prompt."""
-        return self._texts(prompts)
-
-    def __call__(self, images: torch.Tensor, prompts: Sequence[str], **context: Any) -> RewardOutput:
-        check_batch(self.name, images, prompts)
-        if images.shape[0] == 0:
-            empty = torch.zeros(0, device=images.device)
-            return RewardOutput(scores=empty, details={"cosine": empty})
-        texts = self.text_embeddings(list(prompts))
-        # Build a graph only when someone will differentiate through the scores.
-        with torch.set_grad_enabled(torch.is_grad_enabled() and images.requires_grad):
-            image_emb = self.clip.embed_images(images.to(self.clip.device))
-            cosine = (image_emb * texts.to(image_emb.device)).sum(dim=-1)
-            scores = (self.scale * cosine).to(device=images.device, dtype=torch.float32)
-        return RewardOutput(scores=scores, details={"cosine": cosine.detach().to(images.device, torch.float32)})
-
-
-# ----------------------------------------------------------------------------------------------- HPSv2
-
-
 @register("hpsv2")
-class HPSv2(_PromptImageCosine):
+class HPSv2(PromptImageCosine):
     """Human Preference Score v2 (Wu et al., 2023): OpenCLIP ViT-H/14 fine-tuned on HPD v2 preferences.
 
     Score: cosine of the normalised image and prompt embeddings, in [-1, 1]; Stable Diffusion images
@@ -207,7 +176,7 @@ def _load_open_clip_checkpoint(clip: ClipModel, path: str) -> None:
 
 
 @register("pickscore")
-class PickScore(_PromptImageCosine):
+class PickScore(PromptImageCosine):
     """PickScore v1 (Kirstain et al., 2023): CLIP ViT-H/14 fine-tuned on Pick-a-Pic preferences.
 
     Score: ``scale`` · cosine of the normalised image and prompt embeddings. The default ``scale=1``
