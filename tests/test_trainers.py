@@ -257,3 +257,22 @@ def test_reward_variance_monitor_keys(tmp_path):
     flat = torch.tensor([1.0, 4.0, 2.0, 8.0])
     rec = epoch_record(run, 12, "r", flat.view(-1, 1), torch.ones(4, 1, dtype=torch.bool), prompts=["a", "b", "a", "b"])
     assert rec["reward_std_within_prompt"] == pytest.approx((0.5 + 2.0) / 2)
+
+
+def test_prdp_with_vlm_judge_reward_config(tmp_path):
+    """configs/prdp_tiny_judge.yaml: the yes-token judge as PRDP's black-box reward, end to end (shortened)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "genreward", "train", "configs/prdp_tiny_judge.yaml", f"output_dir={tmp_path / 'judge'}",
+         "prdp.epochs=1", "prdp.updates_per_epoch=1", "sample.num_steps=2", "eval.images_per_prompt=1", "eval.prompts.limit=1"],
+        cwd=root, capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "PYTHONPATH": str(root)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = _metrics(tmp_path / "judge")[0]
+    assert row["reward_name"] == "vlm_judge" and row["num_samples"] == 16 and row["reward_nonfinite"] == 0
+    assert row["num_pairs"] > 0 and row["loss"] == row["loss"]
+    summary = json.loads((tmp_path / "judge" / "eval" / "final" / "summary.json").read_text())
+    assert set(summary) == {"vlm_judge"}
