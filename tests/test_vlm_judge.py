@@ -449,3 +449,12 @@ def test_llava_local_folder_loads_through_the_real_loading_path(tmp_path) -> Non
     torch.testing.assert_close(
         loaded(x, PROMPTS[:2]).scores, VLMJudge(model="tiny:llava", normalization="log_odds")(x, PROMPTS[:2]).scores
     )
+
+
+def test_unknown_random_vlm_spec_is_one_line_error() -> None:
+    from genreward.errors import GenrewardError
+    from genreward.models.vlm import RANDOM_SPECS, load_vlm
+
+    assert RANDOM_SPECS == ("random:qwen2.5-vl-3b",)
+    with pytest.raises(GenrewardError, match=r"unknown random-weight VLM 'random:qwen9'"):
+        load_vlm("random:qwen9")

@@ -33,6 +33,7 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TINY_SEED = 1234
 TINY_SPECS = ("tiny:qwen2-vl", "tiny:qwen2.5-vl", "tiny:llava")
+RANDOM_SPECS = ("random:qwen2.5-vl-3b",)  # full-size architecture, random weights: GPU benchmarks only
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava")
 
 QWEN_SPECIAL_TOKENS = (
@@ -289,6 +290,11 @@ def load_vlm(
         if spec not in TINY_SPECS:
             raise GenrewardError(f"unknown tiny VLM {spec!r}; use one of {', '.join(TINY_SPECS)}")
         model, processor, info = _build_tiny(spec)
+    elif spec.startswith("random:"):
+        if spec not in RANDOM_SPECS:
+            raise GenrewardError(f"unknown random-weight VLM {spec!r}; use one of {', '.join(RANDOM_SPECS)}")
+        with torch.device(dev):  # initialise 3.8B parameters where they will run
+            model, processor, info = _build_tiny(spec)
     else:
         model, processor, info = _load_pretrained(spec, torch_dtype)
     model = model.to(device=dev, dtype=torch_dtype).eval().requires_grad_(False)
@@ -364,7 +370,17 @@ def _build_tiny(spec: str) -> tuple[torch.nn.Module, Any, VLMInfo]:
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
     )
-    if spec == "tiny:qwen2-vl":
+    if spec == "random:qwen2.5-vl-3b":
+        # Qwen2.5-VL-3B-Instruct's published sizes; the tiny tokenizer's ids fit in the full vocabulary.
+        text.update(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                    num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
+        vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                      fullatt_block_indexes=[7, 15, 23, 31])
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common)
+        cls, family = Qwen2_5_VLForConditionalGeneration, "qwen2_5_vl"
+    elif spec == "tiny:qwen2-vl":
         vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
                       spatial_merge_size=2, temporal_patch_size=2)
         config = Qwen2VLConfig(text_config=text, vision_config=vision, **common)
