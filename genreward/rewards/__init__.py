@@ -22,6 +22,7 @@ from genreward.rewards import jpeg as _jpeg  # noqa: F401,E402
 from genreward.rewards import preference as _preference  # noqa: F401,E402
 from genreward.rewards import remote as _remote  # noqa: F401,E402
 from genreward.rewards import shaping as _shaping  # noqa: F401,E402
+from genreward.rewards import verifier as _verifier  # noqa: F401,E402
 from genreward.rewards import vlm_judge as _vlm_judge  # noqa: F401,E402
 
 __all__ = ["Reward", "RewardOutput", "RewardSpec", "WeightedSum", "available", "build", "build_from_spec", "register"]
