@@ -15,9 +15,13 @@ from genreward.errors import GenrewardError
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from genreward.config import load_config
+    from genreward.config import load_config, read_yaml
     from genreward.schema import EvalConfig
 
+    if "dreambench" in read_yaml(args.config):  # subject-driven evaluation (DreamBench layout): genreward/dreambench.py
+        from genreward.dreambench import DreamBenchConfig, run_dreambench
+
+        return run_dreambench(load_config(args.config, DreamBenchConfig, args.overrides))
     config = load_config(args.config, EvalConfig, args.overrides)
     return run_eval(config)
 

@@ -15,6 +15,7 @@ TRAINERS: dict[str, tuple[str, str]] = {
     "prdp": ("trainers.prdp", "PRDPConfig"),
     "ddpo": ("trainers.ddpo", "DDPOConfig"),
     "reward_model": ("trainers.reward_model", "RewardModelConfig"),
+    "rpo": ("trainers.rpo", "RPOConfig"),
     "sds3d": ("trainers.sds3d", "SDS3DConfig"),
 }
 
