@@ -5,6 +5,7 @@ d reward / d pixels. Both are timed on the same batch, after a warm-up, in one r
 
     python bench/judge_throughput.py                 # tiny:qwen2.5-vl on CPU
     python bench/judge_throughput.py --full-size     # Qwen2.5-VL-3B architecture, random weights, bf16 (GPU)
+    python bench/judge_throughput.py --model tiny:llava-effnet --size 64   # any vlm_judge model spec / folder
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=None, help="image side in pixels")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--model", default=None, help="judge spec or folder (default: tiny:qwen2.5-vl, or the 3B architecture)")
     args = parser.parse_args()
-    model = "random:qwen2.5-vl-3b" if args.full_size else "tiny:qwen2.5-vl"
+    model = args.model or ("random:qwen2.5-vl-3b" if args.full_size else "tiny:qwen2.5-vl")
     dtype = "bf16" if args.full_size else "fp32"
     size = args.size or (448 if args.full_size else 56)
     start = time.perf_counter()

@@ -48,3 +48,15 @@ def pointwise_bt_loss(
         return bt
     ce = (F.softplus(-s_chosen) + F.softplus(s_rejected)).mean()
     return bt + ce_weight * ce
+
+
+def answer_tokens_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-row mean token cross-entropy of a teacher-forced answer: ``logits [Q,L,V]`` predict
+    ``targets [Q,L]`` where ``mask [Q,L]`` is 1; rows with an empty mask give 0.
+
+    Used for free-form answers ("what colour is the shape?" → "teal") and for rationale tokens after the
+    yes/no answer: both supervise what the judge sees rather than only its final verdict.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+    mask = mask.to(logp.dtype)
+    return -(logp * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)

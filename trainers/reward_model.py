@@ -30,9 +30,10 @@ import torch
 from genreward.errors import GenrewardError
 from genreward.images import load_images
 from genreward.jsonl import append_jsonl, iter_jsonl
+from genreward.models.vlm import save_genreward_vlm, tokenizer_of
 from genreward.rewards.vlm_judge import VLMJudge
 from trainers.common import CheckpointSection, LoggingSection, Timer, peak_rss_mb
-from trainers.losses_judge import pairwise_judge_loss, pointwise_bt_loss, yes_no_ce
+from trainers.losses_judge import answer_tokens_ce, pairwise_judge_loss, pointwise_bt_loss, yes_no_ce
 
 log = logging.getLogger("genreward.reward_model")
 
@@ -57,6 +58,7 @@ class JudgeSection:
     template: str | None = None  # must contain {prompt}; None = vlm_judge's default for the mode
     yes_token: str = "Yes"
     no_token: str = "No"
+    open_template: str = "{prompt}"  # question text of free-form ``answer`` rows (no yes/no instruction)
 
 
 @dataclass
@@ -74,10 +76,14 @@ class RewardTrainSection:
     lora: JudgeLoraSection = field(default_factory=JudgeLoraSection)
     lr: float = 1e-4
     vision_lr_scale: float = 1.0  # lr multiplier for the vision tower + projector
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decay to 0 over the run's steps
+    freeze_vision_tower: bool = False  # keep pretrained image features; the projector and LM still train
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     full_vocab_ce: bool = True  # token CE over the whole vocabulary (else two-way yes/no CE)
     ce_weight: float = 0.1  # bradley_terry only
+    rationale_weight: float = 1.0  # token CE on a row's ``rationale`` (text after the yes/no answer)
+    open_answer_weight: float = 1.0  # token CE on free-form ``answer`` rows (auxiliary supervision)
     epochs: int = 1
     max_steps: int | None = None  # stop earlier than epochs·steps_per_epoch
     batch_size: int = 16
@@ -127,6 +133,13 @@ def _image_path(row: dict, key: str, base: Path, where: str) -> str:
     return str(path)
 
 
+def _text(row: dict, key: str, where: str) -> str:
+    value = row.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise GenrewardError(f"{where}: {key!r} must be a non-empty string, got {value!r}")
+    return value.strip()
+
+
 def load_judge_rows(path: str | Path, objective: str) -> list[dict]:
     """Rows of a judge JSONL, checked; errors name the file and line. Relative image paths are resolved
     against the JSONL's folder."""
@@ -140,10 +153,16 @@ def load_judge_rows(path: str | Path, objective: str) -> list[dict]:
             if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
                 raise GenrewardError(f"{where}: each line must be an object with a string 'prompt'")
             if objective == "pointwise":
-                if "label" not in row:
-                    raise GenrewardError(f"{where}: missing 'label' (\"yes\"/\"no\" or 1/0)")
-                rows.append({"prompt": row["prompt"], "image": _image_path(row, "image", path.parent, where),
-                             "label": _label(row["label"], where)})
+                image = _image_path(row, "image", path.parent, where)
+                if "label" in row:
+                    item = {"prompt": row["prompt"], "image": image, "label": _label(row["label"], where)}
+                    if row.get("rationale") is not None:
+                        item["rationale"] = _text(row, "rationale", where)
+                    rows.append(item)
+                elif "answer" in row:
+                    rows.append({"prompt": row["prompt"], "image": image, "answer": _text(row, "answer", where)})
+                else:
+                    raise GenrewardError(f"{where}: missing 'label' (\"yes\"/\"no\" or 1/0) or a free-form 'answer'")
             else:
                 rows.append({"prompt": row["prompt"], "chosen": _image_path(row, "chosen", path.parent, where),
                              "rejected": _image_path(row, "rejected", path.parent, where)})
@@ -189,6 +208,13 @@ def _make_trainable(judge: VLMJudge, cfg: RewardTrainSection) -> Any:
     model.train()
     if cfg.trainable == "full":
         model.requires_grad_(True)
+        if cfg.freeze_vision_tower:
+            for name, p in model.named_parameters():
+                if ("vision_tower" in name or "visual" in name) and "merger" not in name:  # Qwen: merger = projector
+                    p.requires_grad_(False)
+            for module in model.modules():
+                if hasattr(module, "feature_cache"):
+                    module.feature_cache = {}  # frozen features: encode each training image once
         return None
     from peft import LoraConfig, get_peft_model
 
@@ -219,13 +245,54 @@ def _units(judge: VLMJudge, image: torch.Tensor) -> Any:
     return judge._image_units(image[None])[0]
 
 
-def batch_loss(judge: VLMJudge, rows: list[dict], images: _ImageCache, cfg: RewardTrainSection) -> torch.Tensor:
+def _token_ids(judge: VLMJudge, text: str) -> list[int]:
+    return list(tokenizer_of(judge.processor)(text, add_special_tokens=False)["input_ids"])
+
+
+def _pointwise_loss(judge: VLMJudge, rows: list[dict], images: _ImageCache, cfg: RewardTrainSection,
+                    open_template: str) -> torch.Tensor:
+    """Yes/no CE on labelled rows (+ rationale token CE), token CE on free-form ``answer`` rows; averaged
+    over all rows of the batch so each row weighs the same whatever its kind."""
+    labelled = [r for r in rows if "label" in r]
+    free = [r for r in rows if "answer" in r]
+    total = torch.zeros((), device=judge.device)
+    if labelled:
+        queries = [([_units(judge, images(r["image"]))], judge.question(r["prompt"])) for r in labelled]
+        answer = [judge.yes_id if r["label"] else judge.no_id for r in labelled]
+        rationale = [_token_ids(judge, " " + r["rationale"]) if "rationale" in r else [] for r in labelled]
+        if any(rationale):
+            logits = judge.answer_logits(queries, continuations=[[a] + t for a, t in zip(answer, rationale)])
+            first = logits[:, 0]
+            targets, mask = _pad_targets([t for t in rationale], logits.shape[1] - 1, judge.device)
+            total = total + cfg.rationale_weight * answer_tokens_ce(logits[:, 1:], targets, mask).sum()
+        else:
+            first = judge.answer_logits(queries)[:, 0]
+        y, n, lse = first[:, judge.yes_id], first[:, judge.no_id], torch.logsumexp(first, dim=-1)
+        label = torch.tensor([r["label"] for r in labelled], device=y.device)
+        total = total + len(labelled) * yes_no_ce(y, n, label, lse if cfg.full_vocab_ce else None)
+    if free:
+        queries = [([_units(judge, images(r["image"]))], open_template.format(prompt=r["prompt"])) for r in free]
+        answers = [_token_ids(judge, r["answer"]) for r in free]
+        logits = judge.answer_logits(queries, continuations=answers)
+        targets, mask = _pad_targets(answers, logits.shape[1], judge.device)
+        total = total + cfg.open_answer_weight * answer_tokens_ce(logits, targets, mask).sum()
+    return total / len(rows)
+
+
+def _pad_targets(ids: list[list[int]], width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    targets = torch.zeros(len(ids), max(width, 1), dtype=torch.long, device=device)
+    mask = torch.zeros_like(targets)
+    for row, seq in enumerate(ids):
+        targets[row, : len(seq)] = torch.tensor(seq, dtype=torch.long, device=device)
+        mask[row, : len(seq)] = 1
+    return targets[:, :width], mask[:, :width]
+
+
+def batch_loss(judge: VLMJudge, rows: list[dict], images: _ImageCache, cfg: RewardTrainSection,
+               open_template: str = "{prompt}") -> torch.Tensor:
     """The objective's loss on one batch of rows."""
     if cfg.objective == "pointwise":
-        queries = [([_units(judge, images(r["image"]))], judge.question(r["prompt"])) for r in rows]
-        y, n, lse = _answer(judge, queries)
-        label = torch.tensor([r["label"] for r in rows], device=y.device)
-        return yes_no_ce(y, n, label, lse if cfg.full_vocab_ce else None)
+        return _pointwise_loss(judge, rows, images, cfg, open_template)
     chosen = [_units(judge, images(r["chosen"])) for r in rows]
     rejected = [_units(judge, images(r["rejected"])) for r in rows]
     questions = [judge.question(r["prompt"]) for r in rows]
@@ -247,6 +314,7 @@ def evaluate(judge: VLMJudge, rows: list[dict], images: _ImageCache, objective: 
     judge.model.eval()
     out: dict[str, float] = {}
     if objective == "pointwise":
+        rows = [r for r in rows if "label" in r]  # free-form answer rows train the judge but are not scored
         queries = [([_units(judge, images(r["image"]))], judge.question(r["prompt"])) for r in rows]
         y, n, _ = _answer(judge, queries)
         pred = (y > n).long().cpu()
@@ -278,8 +346,8 @@ def save_judge(judge: VLMJudge, peft_model: Any, folder: Path) -> Path:
     model.save_pretrained(folder)
     processor = judge.processor
     if not hasattr(processor, "image_processor"):  # the tiny judges carry a bare tokenizer
-        if not judge.info.is_qwen:
-            raise GenrewardError("saving a judge with a bare tokenizer is supported for Qwen-VL families only")
+        if not judge.info.is_qwen:  # tiny LLaVAs: genreward's folder format (base spec + safetensors)
+            return save_genreward_vlm(model, judge.info, folder)
         from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
         info = judge.info
@@ -318,7 +386,10 @@ def train(config: RewardModelConfig) -> dict:
     kind = "pointwise" if cfg.objective == "pointwise" else "pairwise"
     train_rows = load_judge_rows(config.data.train, kind)
     eval_rows = load_judge_rows(config.data.eval, kind) if config.data.eval else []
-    baseline = majority_baseline(train_rows, eval_rows) if kind == "pointwise" and eval_rows else 0.5
+    if kind == "pointwise" and eval_rows and not any("label" in r for r in eval_rows):
+        raise GenrewardError(f"judge eval file {config.data.eval} has no labelled (yes/no) rows to score")
+    labelled = [r for r in train_rows if "label" in r]
+    baseline = majority_baseline(labelled, [r for r in eval_rows if "label" in r]) if kind == "pointwise" and eval_rows else 0.5
     images = _ImageCache(config.data.image_size)
 
     jc = config.judge
@@ -327,10 +398,14 @@ def train(config: RewardModelConfig) -> dict:
                      device=acc.device, batch_size=cfg.batch_size * 2)
     peft_model = _make_trainable(judge, cfg)
     optimizer = _optimizer(judge.model, cfg)
-    judge.model, optimizer = acc.prepare(judge.model, optimizer)
-
     steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    if cfg.lr_schedule == "cosine":
+        schedule = lambda i: 0.5 * (1.0 + math.cos(math.pi * min(i, total) / total))  # noqa: E731
+    else:
+        schedule = lambda i: 1.0  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    judge.model, optimizer, scheduler = acc.prepare(judge.model, optimizer, scheduler)
     step = 0
     resume = config.checkpoint.resume_from
     if resume:
@@ -360,11 +435,12 @@ def train(config: RewardModelConfig) -> dict:
         random.Random(cfg.seed * 1_000_003 + epoch).shuffle(order)
         batch = [train_rows[i] for i in order[offset * cfg.batch_size : (offset + 1) * cfg.batch_size]]
         with timer("train"):
-            loss = batch_loss(judge, batch, images, cfg)
+            loss = batch_loss(judge, batch, images, cfg, config.judge.open_template)
             acc.backward(loss)
             if cfg.max_grad_norm > 0:
                 acc.clip_grad_norm_(judge.model.parameters(), cfg.max_grad_norm)
             optimizer.step()
+            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         step += 1
         last_loss = float(loss.detach())

@@ -61,15 +61,22 @@ def auxiliary_rows(split: str, seed: int = 0) -> list[dict]:
     return rows
 
 
+def open_rows(split: str) -> list[dict]:
+    """The open shape/colour questions as free-form answer rows (``answer`` instead of ``label``): the judge
+    learns to name what it sees, which teaches it to read the image before it learns the yes/no binding."""
+    return [{"prompt": q, "image": p, "answer": a} for q, a, p in zip(*_split(split)) if a not in ("yes", "no")]
+
+
 def write_jsonl(rows: list[dict], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
 
 
-def convert(out_dir: str | Path, auxiliary: bool = False, seed: int = 0) -> dict:
-    """Write ``train.jsonl`` (yes/no rows, plus auxiliary rows if asked, shuffled) and ``test.jsonl``
-    (yes/no rows only); returns paths, counts and the question-prior ``majority_baseline``."""
+def convert(out_dir: str | Path, auxiliary: bool = False, seed: int = 0, open_answers: bool = False) -> dict:
+    """Write ``train.jsonl`` (yes/no rows, plus auxiliary yes/no rows and/or free-form answer rows if asked,
+    shuffled) and ``test.jsonl`` (yes/no rows only); returns paths, counts and the question-prior
+    ``majority_baseline``."""
     from trainers.reward_model import majority_baseline
 
     out = Path(out_dir)
@@ -77,7 +84,7 @@ def convert(out_dir: str | Path, auxiliary: bool = False, seed: int = 0) -> dict
     test = yes_no_rows("test")
     baseline = majority_baseline([dict(r, label=int(r["label"] == "yes")) for r in train],
                                  [dict(r, label=int(r["label"] == "yes")) for r in test])
-    rows = train + (auxiliary_rows("train", seed) if auxiliary else [])
+    rows = train + (auxiliary_rows("train", seed) if auxiliary else []) + (open_rows("train") if open_answers else [])
     random.Random(seed).shuffle(rows)
     return {
         "train": str(write_jsonl(rows, out / "train.jsonl")),
@@ -90,9 +97,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
     parser.add_argument("--auxiliary", action="store_true", help="add yes/no rows from the open shape/colour questions")
+    parser.add_argument("--open", action="store_true", help="add the open shape/colour questions as free-form answer rows")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    print(json.dumps(convert(args.out_dir, args.auxiliary, args.seed)))
+    print(json.dumps(convert(args.out_dir, args.auxiliary, args.seed, args.open)))
 
 
 if __name__ == "__main__":

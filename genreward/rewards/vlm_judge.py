@@ -156,9 +156,16 @@ class VLMJudge:
         return [(p[None], None, self.info.image_tokens_per_image) for p in pixels]
 
     def answer_logits(self, queries: Sequence[tuple[list[tuple[torch.Tensor, Any, int]], str]],
-                      positions: Sequence[int] = (-1,)) -> torch.Tensor:
+                      positions: Sequence[int] = (-1,),
+                      continuations: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
         """Float32 logits ``[Q, len(positions), V]`` for queries ``(image units, question)``; offset −1 is
-        the first answer position."""
+        the first answer position.
+
+        With ``continuations`` (answer token ids per query, teacher-forced after the assistant prefix) the
+        result is ``[Q, L, V]``, L = the longest continuation: row j predicts continuation token j (rows
+        past a query's own length repeat its last position; the caller masks them).
+        """
+        width = max((len(c) for c in continuations), default=1) if continuations is not None else 0
         outs = []
         for start in range(0, len(queries), self.batch_size):
             chunk = queries[start : start + self.batch_size]
@@ -167,9 +174,15 @@ class VLMJudge:
                 seqs.append(encode_query(self.processor, self.info, len(units), question, [u[2] for u in units]))
                 pixels.extend(u[0] for u in units)
                 grids.extend(u[1] for u in units)
+            where: Sequence[int] | torch.Tensor = positions
+            if continuations is not None:
+                conts = [list(c) for c in continuations[start : start + self.batch_size]]
+                where = torch.tensor([[len(s) - 1 + min(j, max(len(c) - 1, 0)) for j in range(max(width, 1))]
+                                      for s, c in zip(seqs, conts)])
+                seqs = [s + c for s, c in zip(seqs, conts)]
             grid = torch.stack(grids) if self.info.is_qwen else None
             px = torch.cat(pixels).to(next(self.model.parameters()).dtype)
-            outs.append(next_token_logits(self.model, self.info, seqs, px, grid, self.pad_id, positions))
+            outs.append(next_token_logits(self.model, self.info, seqs, px, grid, self.pad_id, where))
         return torch.cat(outs)
 
     # ------------------------------------------------------------------ scoring
