@@ -147,13 +147,11 @@ def run_best_of_n(config: BestOfNConfig, pipe=None, progress: bool = True) -> Be
     from genreward.config import save_config
     from genreward.evaluation import evaluate, write_run_outputs
     from genreward.gallery import write_gallery
-    from genreward.prompts import load_prompt_set
+    from genreward.prompts import load_prompts
 
     out = Path(config.output_dir)
     save_config(config, out)
-    items = load_prompt_set(config.prompts.path, column=config.prompts.column)
-    if config.prompts.limit is not None:
-        items = items[: config.prompts.limit]
+    items = load_prompts(config.prompts)
     reward = reward_from_specs(config.reward, name="best_of_n")
     pairwise = config.ranking == "pairwise_wins"
     if pairwise and getattr(reward, "mode", None) != "pairwise":

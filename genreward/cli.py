@@ -32,15 +32,13 @@ def run_eval(config) -> int:
     from genreward.evaluation import evaluate
     from genreward.gallery import write_gallery
     from genreward.models import load_pipeline
-    from genreward.prompts import load_prompt_set
+    from genreward.prompts import load_prompts
     from genreward.rewards import build_from_spec
 
     start = time.perf_counter()
     out = Path(config.output_dir)
     save_config(config, out)
-    items = load_prompt_set(config.eval.prompts.path, column=config.eval.prompts.column)
-    if config.eval.prompts.limit is not None:
-        items = items[: config.eval.prompts.limit]
+    items = load_prompts(config.eval.prompts)
     rewards = [build_from_spec(spec) for spec in config.eval.rewards]
     m = config.model
     pipe = load_pipeline(m.pipeline, device=m.device, dtype=m.dtype, lora=m.lora, unet=m.unet)

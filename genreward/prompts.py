@@ -91,6 +91,30 @@ def load_prompt_set(path: str | Path, column: str | None = None) -> list[PromptI
     return items
 
 
+def select_prompts(items: list[PromptItem], where: dict | None = None, limit: int | None = None,
+                   source: str = "prompt set") -> list[PromptItem]:
+    """Prompts whose metadata matches every ``where`` key (a list value matches any of its entries), then
+    the first ``limit``; an empty selection is a one-line error naming the filter."""
+    if where:
+        def keep(item: PromptItem) -> bool:
+            for key, want in where.items():
+                wanted = want if isinstance(want, list) else [want]
+                if item.metadata.get(key) not in wanted:
+                    return False
+            return True
+
+        items = [item for item in items if keep(item)]
+        if not items:
+            raise GenrewardError(f"{source}: no prompt matches where={where}")
+    return items[:limit] if limit is not None else items
+
+
+def load_prompts(config: "object") -> list[PromptItem]:
+    """Load a ``PromptsConfig`` (path, column, where, limit): the one entry point trainers and CLI use."""
+    items = load_prompt_set(config.path, column=config.column)
+    return select_prompts(items, getattr(config, "where", None), config.limit, source=str(config.path))
+
+
 def _parse_txt(text: str) -> list[PromptItem]:
     items = []
     for line in text.splitlines():

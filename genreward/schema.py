@@ -7,7 +7,7 @@ same thing everywhere.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from genreward.rewards.base import RewardSpec
 
@@ -51,7 +51,8 @@ class PromptsConfig:
 
     path: str = "animals"
     column: str | None = None  # for .csv/.tsv/.jsonl: which column holds the prompt
-    limit: int | None = None  # use only the first N prompts
+    limit: int | None = None  # use only the first N prompts (after ``where``)
+    where: dict[str, Any] | None = None  # keep prompts whose metadata matches, e.g. {type: single}; a list = any of
 
 
 @dataclass

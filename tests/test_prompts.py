@@ -203,3 +203,20 @@ def test_prompt_source_take_and_iteration():
         PromptSource([])
     with pytest.raises(GenrewardError):
         src.take(-1)
+
+
+def test_select_prompts_where_and_limit(tmp_path) -> None:
+    from genreward.config import config_from_dict
+    from genreward.prompts import load_prompts
+    from genreward.schema import PromptsConfig
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a", "type": "single"}\n{"prompt": "b", "type": "count"}\n'
+                    '{"prompt": "c", "type": "relation"}\n{"prompt": "d", "type": "single"}\n')
+    pick = lambda **kw: [i.prompt for i in load_prompts(config_from_dict({"path": str(path), **kw}, PromptsConfig))]  # noqa: E731
+    assert pick(where={"type": "single"}) == ["a", "d"]
+    assert pick(where={"type": ["count", "relation"]}) == ["b", "c"]
+    assert pick(where={"type": "single"}, limit=1) == ["a"]  # limit applies after the filter
+    assert pick(limit=3) == ["a", "b", "c"]
+    with pytest.raises(GenrewardError, match=r"p.jsonl: no prompt matches where=\{'type': 'x'\}"):
+        pick(where={"type": "x"})

@@ -34,7 +34,7 @@ from genreward.config import save_config, to_dict
 from genreward.errors import GenrewardError
 from genreward.jsonl import append_jsonl, read_jsonl
 from genreward.models.device import resolve_dtype
-from genreward.prompts import PromptItem, load_prompt_set
+from genreward.prompts import PromptItem, load_prompts
 from genreward.rewards.base import Reward, RewardSpec, build_from_spec
 from genreward.sampling import Trajectory, step_log_prob
 from genreward.schema import EvalSection, ModelConfig, PromptsConfig, SampleConfig
@@ -361,8 +361,7 @@ class TrainingRun:
 
     # -------------------------------------------------------------------------------- prompts
     def load_prompts(self, prompts: PromptsConfig) -> list[PromptItem]:
-        items = load_prompt_set(prompts.path, column=prompts.column)
-        return items[: prompts.limit] if prompts.limit is not None else items
+        return load_prompts(prompts)
 
     def local_slice(self, total: int, what: str) -> slice:
         """This process's contiguous share of ``total`` items (must divide evenly across processes)."""
