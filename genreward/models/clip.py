@@ -6,6 +6,7 @@ gradients, an image encoder and a text encoder. :class:`ClipModel` gives exactly
 transformers ``CLIPModel`` or an open_clip model, and :func:`load_clip` builds one from a spec string:
 
 * ``tiny:clip`` / ``tiny:open_clip`` — tiny random-weight models (fixed seed) for tests and demos;
+* ``world:shapes-clip`` — the shapes world's project-trained CLIP, shipped in the package (docs/world.md);
 * ``open_clip:<arch>/<pretrained tag>`` (e.g. ``open_clip:ViT-H-14/laion2b_s32b_b79k``),
   ``open_clip:<arch>/<checkpoint file>``, ``open_clip:hf-hub:<org/repo>``, ``open_clip:local-dir:<folder>``;
 * a transformers hub id (``openai/clip-vit-large-patch14``) or a local folder (transformers
@@ -244,6 +245,16 @@ def load_clip(
         _check_backend(spec, backend, wanted)
         model = _tiny_transformers() if kind == "clip" else _tiny_open_clip()
         return model.to(device=dev, dtype=torch_dtype)
+
+    if spec.startswith("world:"):
+        from genreward.world.models import CLIP_SPECS, clip_folder
+
+        if spec not in CLIP_SPECS:
+            raise GenrewardError(f"unknown world CLIP {spec!r}; available: {', '.join(CLIP_SPECS)}")
+        _check_backend(spec, backend, "transformers")
+        if not (clip_folder() / "config.json").is_file():
+            raise GenrewardError(f"CLIP model {spec!r}: its weights are missing from {clip_folder()}")
+        return _load_transformers(spec, str(clip_folder()), dev, torch_dtype)
 
     if spec.startswith("open_clip:"):
         _check_backend(spec, backend, "open_clip")

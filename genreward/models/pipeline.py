@@ -16,6 +16,8 @@ from genreward.models.device import resolve_device, resolve_dtype
 from genreward.models.hub import from_pretrained_offline_aware
 from genreward.models.tiny import RANDOM_SPECS, TINY_SPECS, build_random_sd15, build_tiny_sd
 
+WORLD_T2I_SPECS = ("world:shapes-t2i",)  # weights under genreward/world/weights/ (genreward.world.models)
+
 
 def load_pipeline(
     spec: str = "tiny:sd",
@@ -27,7 +29,9 @@ def load_pipeline(
     """A Stable-Diffusion-family pipeline with a DDIM scheduler, on ``device`` in ``dtype``.
 
     ``spec``: a hub id (``CompVis/stable-diffusion-v1-4``), a local pipeline folder, ``tiny:sd`` /
-    ``tiny:sd-v`` (tiny, random weights), or ``random:sd15`` (SD-1.5 architecture, random weights). ``lora``: a folder or file loadable by ``pipe.load_lora_weights``. ``unet``: a folder
+    ``tiny:sd-v`` (tiny, random weights), ``random:sd15`` (SD-1.5 architecture, random weights), or
+    ``world:shapes-t2i`` (the shapes world's project-trained model, shipped in the package; see
+    docs/world.md). ``lora``: a folder or file loadable by ``pipe.load_lora_weights``. ``unet``: a folder
     with a full fine-tuned ``UNet2DConditionModel`` that replaces the pipeline's U-Net.
     """
     from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
@@ -37,8 +41,13 @@ def load_pipeline(
         pipe = build_tiny_sd(spec)
     elif spec in RANDOM_SPECS:
         pipe = build_random_sd15()
-    elif spec.startswith(("tiny:", "random:")):
-        raise GenrewardError(f"unknown built-in pipeline spec '{spec}'; available: {', '.join(TINY_SPECS + RANDOM_SPECS)}")
+    elif spec in WORLD_T2I_SPECS:
+        from genreward.world.models import load_world_t2i
+
+        pipe = load_world_t2i()
+    elif spec.startswith(("tiny:", "random:", "world:")):
+        builtin = TINY_SPECS + RANDOM_SPECS + WORLD_T2I_SPECS
+        raise GenrewardError(f"unknown built-in pipeline spec '{spec}'; available: {', '.join(builtin)}")
     else:
         pipe = from_pretrained_offline_aware(DiffusionPipeline.from_pretrained, spec, spec, "pipeline", safety_checker=None)
     if not hasattr(pipe, "unet"):
