@@ -174,11 +174,11 @@ def test_saved_judge_scores_equal_trained_model(tmp_path: Path) -> None:
     captured: dict = {}
     original = rm.save_judge
 
-    def capture(judge, peft_model, folder):
+    def capture(judge, peft_model, folder, **kwargs):
         rows = load_judge_rows(eval_path, "pointwise")
         with torch.no_grad():
             captured["scores"] = judge(load_images([r["image"] for r in rows]), [r["prompt"] for r in rows]).scores
-        return original(judge, peft_model, folder)
+        return original(judge, peft_model, folder, **kwargs)
 
     rm.save_judge = capture
     try:
@@ -345,6 +345,12 @@ def test_llava_effnet_judge_round_trip_and_frozen_tower(tmp_path: Path) -> None:
     with torch.no_grad():
         uncached = judge(images, prompts).scores
     torch.testing.assert_close(uncached, before, atol=1e-6, rtol=1e-5)
+    # a frozen packaged tower is left out of the folder and rebuilt from its package on load
+    slim = save_genreward_vlm(judge.model, judge.info, tmp_path / "slim", omit_packaged_tower=True)
+    assert (slim / "model.safetensors").stat().st_size < (folder / "model.safetensors").stat().st_size / 5
+    with torch.no_grad():
+        torch.testing.assert_close(VLMJudge(model=str(slim), normalization="yes_no")(images, prompts).scores,
+                                   before, atol=1e-6, rtol=1e-5)
     (folder / "genreward_vlm.json").write_text('{"base": "tiny:nope"}')
     with pytest.raises(GenrewardError, match="unknown base 'tiny:nope'"):
         VLMJudge(model=str(folder))

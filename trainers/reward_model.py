@@ -339,15 +339,16 @@ def evaluate(judge: VLMJudge, rows: list[dict], images: _ImageCache, objective: 
     return out
 
 
-def save_judge(judge: VLMJudge, peft_model: Any, folder: Path) -> Path:
+def save_judge(judge: VLMJudge, peft_model: Any, folder: Path, frozen_tower: bool = False) -> Path:
     """``save_pretrained`` of model (LoRA merged) and processor, loadable by ``vlm_judge(model=folder)``."""
     model = peft_model.merge_and_unload() if peft_model is not None else judge.model
+    processor = judge.processor
+    if not hasattr(processor, "image_processor") and not judge.info.is_qwen:
+        # tiny LLaVAs (bare tokenizer, tower transformers cannot rebuild): genreward's folder format
+        return save_genreward_vlm(model, judge.info, folder, omit_packaged_tower=frozen_tower, template=judge.template)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
-    processor = judge.processor
-    if not hasattr(processor, "image_processor"):  # the tiny judges carry a bare tokenizer
-        if not judge.info.is_qwen:  # tiny LLaVAs: genreward's folder format (base spec + safetensors)
-            return save_genreward_vlm(model, judge.info, folder)
+    if not hasattr(processor, "image_processor"):  # the tiny Qwen judges carry a bare tokenizer
         from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
         info = judge.info
@@ -458,7 +459,7 @@ def train(config: RewardModelConfig) -> dict:
 
     judge.model.eval()
     final = do_eval(full=True)
-    judge_dir = save_judge(judge, peft_model, out / "judge")
+    judge_dir = save_judge(judge, peft_model, out / "judge", frozen_tower=cfg.freeze_vision_tower)
     result = {"step": step, "loss": last_loss, "majority_baseline": baseline, **final,
               "wall_s": round(time.perf_counter() - start, 2), "seconds": {k: round(v, 2) for k, v in timer.seconds.items()},
               "judge_dir": str(judge_dir), "metrics": str(metrics_path)}

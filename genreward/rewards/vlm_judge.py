@@ -118,6 +118,8 @@ class VLMJudge:
         self.template = _check_template(template, "template") if template is not None else None
         self.dtype = resolve_dtype(dtype)
         self.model, self.processor, self.info = load_vlm(model, device=device, dtype=self.dtype)
+        if self.template is None and self.info.default_template is not None:
+            self.template = _check_template(self.info.default_template, f"template recorded with {model}")
         self.yes_id = single_token_id(self.processor, yes_token, "vlm_judge yes_token")
         self.no_id = single_token_id(self.processor, no_token, "vlm_judge no_token")
         if self.yes_id == self.no_id:

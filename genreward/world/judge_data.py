@@ -40,14 +40,20 @@ def rows_for_scene(sample: W.Sample, image_path: str, rng: np.random.Generator, 
 
 
 def write_split(out_dir: Path, name: str, n_scenes: int, seed: int, split: str | None, size: int,
-                describe: bool, noise: float = 0.0) -> Path:
-    """Render ``n_scenes`` scenes of the seeded world and write ``<name>.jsonl`` (image paths relative)."""
+                describe: bool, max_noise: float = 0.0) -> Path:
+    """Render ``n_scenes`` scenes of the seeded world and write ``<name>.jsonl`` (image paths relative).
+
+    Each scene gets Gaussian pixel noise with σ drawn uniformly from [0, ``max_noise``]: a judge trained at a
+    single noise level was measured to fail on clean images (73.5 % vs 94.5 %), and generated images are
+    neither clean nor uniformly noisy.
+    """
     images = out_dir / "images" / name
     images.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, 7])
+    noise = np.random.default_rng([seed, 8]).uniform(0.0, max_noise, size=n_scenes) if max_noise else np.zeros(n_scenes)
     lines = []
-    for i, sample in enumerate(tqdm(W.dataset(n_scenes, seed=seed, size=size, split=split, noise=noise),
-                                    total=n_scenes, desc=f"world judge data: {name}")):
+    for i in tqdm(range(n_scenes), desc=f"world judge data: {name}"):
+        sample = W.sample_at(i, seed=seed, size=size, split=split, noise=float(noise[i]))
         rel = f"images/{name}/{i:06d}.png"
         save_png(sample.image, out_dir / rel)
         lines.extend(json.dumps(r) for r in rows_for_scene(sample, rel, rng, describe))
@@ -57,12 +63,12 @@ def write_split(out_dir: Path, name: str, n_scenes: int, seed: int, split: str |
 
 
 def write_judge_data(out_dir: str | Path, n_train: int = 6000, n_eval: int = 500, seed: int = 0, size: int = 32,
-                     noise: float = 0.02) -> dict[str, Any]:
+                     noise: float = 0.05) -> dict[str, Any]:
     """``train.jsonl`` (training captions, with describe rows) and ``eval.jsonl`` (held-out captions, a
     different seed, yes/no rows only)."""
     out = Path(out_dir)
-    train = write_split(out, "train", n_train, seed, "train", size, describe=True, noise=noise)
-    held = write_split(out, "eval", n_eval, seed + 1, "holdout", size, describe=False, noise=noise)
+    train = write_split(out, "train", n_train, seed, "train", size, describe=True, max_noise=noise)
+    held = write_split(out, "eval", n_eval, seed + 1, "holdout", size, describe=False, max_noise=noise)
     return {"train": str(train), "eval": str(held), "n_train_scenes": n_train, "n_eval_scenes": n_eval}
 
 
@@ -73,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-eval", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--noise", type=float, default=0.02)
+    parser.add_argument("--noise", type=float, default=0.05, help="maximum per-scene pixel noise σ")
     args = parser.parse_args(argv)
     print(json.dumps(write_judge_data(args.out_dir, args.n_train, args.n_eval, args.seed, args.size, args.noise)))
 
