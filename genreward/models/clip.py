@@ -31,6 +31,7 @@ from genreward.errors import GenrewardError
 from genreward.models.device import resolve_device, resolve_dtype
 from genreward.models.hub import from_pretrained_offline_aware, hub_offline, offline_error
 from genreward.images import check_images
+from genreward.models.tokenizers import CLIP_TEXT_TOKEN_IDS
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -247,14 +248,12 @@ def load_clip(
         return model.to(device=dev, dtype=torch_dtype)
 
     if spec.startswith("world:"):
-        from genreward.world.models import CLIP_SPECS, clip_folder
+        from genreward.world.models import CLIP_SPECS, load_world_clip
 
         if spec not in CLIP_SPECS:
             raise GenrewardError(f"unknown world CLIP {spec!r}; available: {', '.join(CLIP_SPECS)}")
         _check_backend(spec, backend, "transformers")
-        if not (clip_folder() / "config.json").is_file():
-            raise GenrewardError(f"CLIP model {spec!r}: its weights are missing from {clip_folder()}")
-        return _load_transformers(spec, str(clip_folder()), dev, torch_dtype)
+        return load_world_clip().to(device=dev, dtype=torch_dtype)
 
     if spec.startswith("open_clip:"):
         _check_backend(spec, backend, "open_clip")
@@ -297,15 +296,12 @@ def _tiny_transformers() -> ClipModel:
 
     config = CLIPConfig(
         text_config=dict(
-            vocab_size=49408,
+            **CLIP_TEXT_TOKEN_IDS,
             hidden_size=32,
             intermediate_size=64,
             num_hidden_layers=2,
             num_attention_heads=2,
             max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
         ),
         vision_config=dict(
             image_size=32,

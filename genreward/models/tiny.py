@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from genreward.models.tokenizers import build_clip_tokenizer
+from genreward.models.tokenizers import CLIP_TEXT_TOKEN_IDS, build_clip_tokenizer
 
 TINY_SEED = 1234
 TINY_SPECS = ("tiny:sd", "tiny:sd-v")
@@ -64,15 +64,12 @@ def build_tiny_sd(spec: str = "tiny:sd", seed: int = TINY_SEED):
         )
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
-                vocab_size=49408,
+                **CLIP_TEXT_TOKEN_IDS,
                 hidden_size=32,
                 intermediate_size=64,
                 num_hidden_layers=2,
                 num_attention_heads=4,
                 max_position_embeddings=77,
-                bos_token_id=49406,
-                eos_token_id=49407,
-                pad_token_id=49407,
             )
         )
     scheduler = DDIMScheduler(**tiny_scheduler_config(prediction_type))

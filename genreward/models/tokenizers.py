@@ -14,6 +14,9 @@ import os
 from pathlib import Path
 
 NUM_MERGES = 49408 - 256 - 2 - 256  # 48894 merges follow the header line
+# The vocabulary and special-token ids every CLIP text tower built offline here must use, so that
+# ``build_clip_tokenizer`` ids index it correctly (BOS, and EOS doubling as padding, as in SD).
+CLIP_TEXT_TOKEN_IDS = {"vocab_size": 49408, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407}
 
 
 def _bytes_to_unicode() -> dict[int, str]:
