@@ -36,13 +36,19 @@ def image_seed(base_seed: int, prompt_index: int, sample_index: int, images_per_
     return base_seed + prompt_index * images_per_prompt + sample_index
 
 
-def score_images(rewards: Sequence[Reward], images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> dict[str, torch.Tensor]:
-    """All rewards on one batch → {reward name: scores [B] on CPU}. Non-finite scores are kept as NaN."""
+def score_images(rewards: Sequence[Reward], images: torch.Tensor, prompts: list[str], metadata: list[dict],
+                 verdicts: dict[str, list[str]] | None = None) -> dict[str, torch.Tensor]:
+    """All rewards on one batch → {reward name: scores [B] on CPU}. Non-finite scores are kept as NaN.
+
+    Rewards that explain themselves (``RewardOutput.verdicts``) add their per-image texts to ``verdicts``.
+    """
     scores = {}
     for reward in rewards:
         with torch.no_grad():
             out = reward(images, prompts, metadata=metadata)
         scores[reward.name] = out.scores.detach().float().cpu()
+        if verdicts is not None and out.verdicts is not None:
+            verdicts[reward.name] = list(out.verdicts)
     return scores
 
 
@@ -91,7 +97,8 @@ def evaluate(
             reduction=sample.logprob_reduction,
             unet=unet,
         )
-        scores = score_images(rewards, traj.images, prompts, metadata)
+        verdicts: dict[str, list[str]] = {}
+        scores = score_images(rewards, traj.images, prompts, metadata, verdicts)
         for k, (i, j) in enumerate(batch):
             rel = f"images/p{i:04d}_s{j:02d}.png"
             save_png(traj.images[k], out / rel)
@@ -104,6 +111,7 @@ def evaluate(
                     "image": rel,
                     "metadata": items[i].metadata,
                     "rewards": {name: _finite_or_none(scores[name][k].item()) for name in names},
+                    **({"verdicts": {name: texts[k] for name, texts in verdicts.items()}} if verdicts else {}),
                 }
             )
         if bar is not None:

@@ -50,7 +50,7 @@ def _check_record(rec: object, path: Path, lineno: int) -> dict:
     for key in ("prompt", "image"):
         if not isinstance(rec.get(key), str):
             raise GenrewardError(f"{where}: {key!r} must be a string, got {rec.get(key)!r}")
-    for key in ("rewards", "metadata"):
+    for key in ("rewards", "metadata", "verdicts"):
         if not isinstance(rec.get(key, {}), dict):
             raise GenrewardError(f"{where}: {key!r} must be a JSON object, got {rec.get(key)!r}")
     for name, value in rec.get("rewards", {}).items():
@@ -116,6 +116,9 @@ def _figure(rec: dict, run_dir: Path, html_dir: Path, rewards: list[str]) -> str
         value = rec.get("rewards", {}).get(name)
         if value is not None:
             caption.append(f"{html.escape(name)}: {html.escape(_fmt(float(value)))}")
+        verdict = (rec.get("verdicts") or {}).get(name)
+        if verdict:
+            caption.append(f'<span class="verdict">{html.escape(str(verdict))}</span>')
     if image.is_file():
         media = f'<img src="{html.escape(_src(image, html_dir))}" alt="{html.escape(rec["prompt"])}">'
     else:
@@ -275,6 +278,7 @@ div.strip { display: flex; flex-wrap: wrap; gap: .5rem; }
 td.images.empty { color: #999; font-style: italic; }
 figure { margin: 0; font-size: .75rem; }
 figure img { display: block; width: 192px; height: auto; image-rendering: auto; }
+.verdict { color: #333; font-style: italic; }
 .missing { width: 192px; height: 96px; background: #eee; color: #a00; font-size: .75rem; }
 table.means { font-size: .8rem; border-collapse: collapse; }
 table.means th, table.means td { padding: 0 .4rem; text-align: right; }

@@ -120,6 +120,42 @@ def test_verifier_reward_with_and_without_metadata():
     assert reward(imgs, ["ignored text"] * 2, metadata=meta).scores.tolist() == [1.0, 1.0]
 
 
+def test_verifier_verdicts_name_failed_checks_and_what_was_seen(tmp_path):
+    from genreward.evaluation import score_images
+    from genreward.gallery import write_gallery
+    from genreward.rewards import build
+
+    spec = {"type": "count", "objects": [{"shape": "circle", "color": "red", "count": 2}]}
+    image = W.render(W.layout(spec, np.random.default_rng(3)))
+    reward = build("verifier")
+    ok = reward(image[None], ["two red circles"])
+    assert ok.verdicts == ["pass · saw 2 red circles"]
+    wrong = reward(image[None], ["three red circles"])
+    assert wrong.verdicts == ["fail: count · saw 2 red circles"]
+    blank = reward(torch.zeros(1, 3, 32, 32), ["a blue square"])
+    assert blank.verdicts[0].startswith("fail: shape, color, present, count") and blank.verdicts[0].endswith("saw nothing")
+    from genreward.rewards.verifier import verdict  # detections the verifier could not name still print
+
+    unnamed = {"pass": False, "shape": False, "color": True, "present": False, "count": False, "position": None,
+               "detections": [{"color": "red", "shape": None}, {"color": None, "shape": "circle"}]}
+    assert verdict(unnamed) == "fail: shape, present, count · saw 1 red blob, 1 unknown-colour circle"
+
+    # Evaluation keeps the verdicts per image and the gallery prints them under the image.
+    verdicts: dict = {}
+    score_images([reward], image[None].repeat(2, 1, 1, 1), ["two red circles", "three red circles"], [{}, {}], verdicts)
+    assert verdicts == {"verifier": ["pass · saw 2 red circles", "fail: count · saw 2 red circles"]}
+    run = tmp_path / "run"
+    (run / "images").mkdir(parents=True)
+    from genreward.images import save_png
+
+    save_png(image, run / "images" / "a.png")
+    rec = {"prompt": "three red circles", "image": "images/a.png", "rewards": {"verifier": 0.0},
+           "verdicts": {"verifier": "fail: count · saw 2 red circles"}}
+    (run / "metrics.jsonl").write_text(json.dumps(rec) + "\n")
+    page = write_gallery(run).read_text()
+    assert '<span class="verdict">fail: count · saw 2 red circles</span>' in page
+
+
 def test_verifier_reward_errors_are_one_line():
     from genreward.rewards import build
 

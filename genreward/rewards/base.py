@@ -20,10 +20,12 @@ from genreward.images import check_images
 
 @dataclass
 class RewardOutput:
-    """Scores ``[B]`` (higher is better) and optional per-image details, each ``[B]``."""
+    """Scores ``[B]`` (higher is better), optional per-image details (each ``[B]``) and optional verdicts:
+    one short human-readable judgement per image, which evaluation records and galleries show."""
 
     scores: torch.Tensor
     details: dict[str, torch.Tensor] = field(default_factory=dict)
+    verdicts: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.scores.ndim != 1:
@@ -31,6 +33,8 @@ class RewardOutput:
         for key, value in self.details.items():
             if value.shape[:1] != self.scores.shape:
                 raise ValueError(f"RewardOutput.details[{key!r}] must have leading shape [B]={tuple(self.scores.shape)}")
+        if self.verdicts is not None and len(self.verdicts) != self.scores.shape[0]:
+            raise ValueError(f"RewardOutput.verdicts must have one entry per image, got {len(self.verdicts)} for {self.scores.shape[0]}")
 
 
 @runtime_checkable

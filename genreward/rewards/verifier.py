@@ -8,6 +8,7 @@ one-line error. Scores are pass/fail (1/0) or, with ``graded: true``, the mean o
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Any, Sequence
 
 import torch
@@ -55,4 +56,15 @@ class VerifierReward:
         details["graded"] = torch.tensor([float(r["graded"]) for r in rows])
         details["n_objects"] = torch.tensor([float(len(r["detections"])) for r in rows])
         scores = details["graded" if self.graded else "pass"].clone()
-        return RewardOutput(scores=scores.to(images.device), details={k: v.to(images.device) for k, v in details.items()})
+        return RewardOutput(scores=scores.to(images.device), details={k: v.to(images.device) for k, v in details.items()},
+                            verdicts=[verdict(r) for r in rows])
+
+
+def verdict(result: dict[str, Any]) -> str:
+    """One line for a human: pass, or the failed checks and what the verifier saw (e.g. "fail: count · saw 2 red circles")."""
+    seen = Counter((d["color"] or "unknown-colour", d["shape"] or "blob") for d in result["detections"])
+    saw = ", ".join(f"{n} {color} {shape}{'s' if n > 1 else ''}" for (color, shape), n in sorted(seen.items())) or "nothing"
+    if result["pass"]:
+        return f"pass · saw {saw}"
+    failed = [c for c in V.CHECKS if result[c] is False]
+    return f"fail: {', '.join(failed)} · saw {saw}"
