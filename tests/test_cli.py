@@ -119,18 +119,21 @@ def test_paper_configs_load_and_fail_only_at_model_download(tmp_path, config):
 
 @pytest.mark.slow
 def test_quickstart_end_to_end(tmp_path):
-    """`make quickstart`'s command, unchanged but for its output folder: PRDP raises the reward; gallery written."""
+    """`make quickstart`'s command, unchanged but for its output folder: PRDP in the shapes world with the
+    verifier raises the verifier pass rate on its training captions; the gallery shows verdicts."""
     out = tmp_path / "quickstart"
     proc = run_cli("train", "configs/quickstart.yaml", f"output_dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == list(range(12))
-    rewards = [r["reward_mean"] for r in rows]
-    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
-    assert last > first + 0.01, rewards  # measured: -1.577 → -1.546 (first/last 3 epochs)
+    assert [r["epoch"] for r in rows] == list(range(20))
     assert all(r["peak_rss_mb"] < 4096 for r in rows)
-    before = json.loads((out / "eval" / "before" / "summary.json").read_text())["jpeg_compressibility"]
-    after = json.loads((out / "eval" / "final" / "summary.json").read_text())["jpeg_compressibility"]
-    assert after > before, (before, after)
-    assert (out / "gallery.html").is_file() and (out / "reward_curve.png").is_file()
-    assert (out / "checkpoints" / "checkpoint-11" / "pytorch_lora_weights.safetensors").is_file()
+    before = json.loads((out / "eval" / "before" / "summary.json").read_text())["verifier"]
+    after = json.loads((out / "eval" / "final" / "summary.json").read_text())["verifier"]
+    assert after >= before + 0.05, (before, after)  # measured: 0.109 → 0.203 (64 images, same seeds)
+    records = [json.loads(line) for line in (out / "eval" / "final" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 64
+    assert all(r["verdicts"]["verifier"].startswith("pass" if r["rewards"]["verifier"] == 1.0 else "fail") for r in records)
+    page = (out / "gallery.html").read_text()
+    assert page.count('class="verdict"') == 128  # every image, before and after
+    assert (out / "reward_curve.png").is_file()
+    assert (out / "checkpoints" / "checkpoint-19" / "pytorch_lora_weights.safetensors").is_file()
