@@ -274,6 +274,17 @@ def test_transformers_folder_roundtrip(tmp_path, clip_rewards: dict) -> None:
         torch.testing.assert_close(loaded.embed_texts(PROMPTS), tiny.embed_texts(PROMPTS))
 
 
+def test_transformers_folder_without_tokenizer_files_gets_clips_bpe(tmp_path, clip_rewards: dict) -> None:
+    """No tokenizer files in the folder: CLIP's offline BPE (49,408 entries), cut to the text tower's positions."""
+    tiny: ClipModel = clip_rewards["tiny:clip"].clip
+    tiny.model.save_pretrained(tmp_path)
+    loaded = load_clip(str(tmp_path), device="cpu")
+    assert len(loaded.tokenizer) == 49408
+    assert loaded.tokenizer("a red circle")["input_ids"] == tiny.tokenizer("a red circle")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.embed_texts(PROMPTS), tiny.embed_texts(PROMPTS))
+
+
 def test_open_clip_local_dir_roundtrip(tmp_path, clip_rewards: dict) -> None:
     from safetensors.torch import save_file
 

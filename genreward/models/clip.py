@@ -354,6 +354,9 @@ def _tiny_open_clip() -> ClipModel:
 # ------------------------------------------------------------------------------------ real checkpoints
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
+
+
 def _load_transformers(spec: str, source: str, device: torch.device, dtype: torch.dtype) -> ClipModel:
     """transformers ``CLIPModel`` + tokenizer (+ preprocessing constants when a processor config exists)."""
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
@@ -372,12 +375,20 @@ def _load_transformers(spec: str, source: str, device: torch.device, dtype: torc
     model = from_pretrained_offline_aware(load_model, source, spec, "CLIP model")
     text_cfg = model.config.text_config
     vision_cfg = model.config.vision_config
-    try:
-        tokenizer = from_pretrained_offline_aware(load_tokenizer, source, spec, "CLIP tokenizer")
-    except GenrewardError:
+    tokenizer = None
+    # A local folder without tokenizer files: transformers would build a tokenizer with an empty vocabulary
+    # from config.json alone, so it is not asked at all.
+    folder = Path(source)
+    if not folder.is_dir() or any((folder / name).is_file() for name in TOKENIZER_FILES):
+        try:
+            tokenizer = from_pretrained_offline_aware(load_tokenizer, source, spec, "CLIP tokenizer")
+        except GenrewardError:
+            pass
+    if tokenizer is None:
         if text_cfg.vocab_size != 49408:
-            raise GenrewardError(f"CLIP model {spec!r} has no tokenizer files and a non-CLIP vocabulary") from None
-        tokenizer = build_clip_tokenizer()  # every OpenAI/LAION CLIP uses this exact BPE vocabulary
+            raise GenrewardError(f"CLIP model {spec!r} has no tokenizer files and a non-CLIP vocabulary")
+        # every OpenAI/LAION CLIP uses this exact BPE vocabulary
+        tokenizer = build_clip_tokenizer(model_max_length=int(text_cfg.max_position_embeddings))
     image_size, mean, std = int(vision_cfg.image_size), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
     try:
         processor = from_pretrained_offline_aware(load_processor, source, spec, "CLIP image processor", allow_hub=False)
