@@ -383,7 +383,7 @@ def _load_transformers(spec: str, source: str, device: torch.device, dtype: torc
         try:
             tokenizer = from_pretrained_offline_aware(load_tokenizer, source, spec, "CLIP tokenizer")
         except GenrewardError:
-            pass
+            tokenizer = None  # no tokenizer to be had: CLIP's own BPE below
     if tokenizer is None:
         if text_cfg.vocab_size != 49408:
             raise GenrewardError(f"CLIP model {spec!r} has no tokenizer files and a non-CLIP vocabulary")
