@@ -53,7 +53,7 @@ def batch_gradient(pipe, cfg: PRDPConfig, reward, items, seed0: int, step_ranges
                                    batch_size=s.batch_size, height=s.height, width=s.width, reduction=s.logprob_reduction)
         scores = reward(traj.images, prompts, metadata=[it.metadata for it in items for _ in range(b)]).scores
     rewards = scores.float().view(len(items), b)
-    zero = torch.zeros(len(items), b, s.num_steps)  # θ = θ_old = θ_ref: every log-ratio is 0
+    zero = torch.zeros(len(items), b, s.num_steps, device=rewards.device)  # θ = θ_old = θ_ref: every log-ratio is 0
     weights = rdp_step_weights(zero, zero, rewards, cfg.prdp.beta, cfg.prdp.clip_eps, cfg.prdp.logratio_reduction)
     weights = weights.view(len(prompts), s.num_steps)
     per_range = []
@@ -93,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.config, PRDPConfig, args.overrides)
-    pipe = load_pipeline(cfg.model.pipeline, device="cpu" if cfg.model.device == "auto" and not torch.cuda.is_available()
-                         else cfg.model.device, dtype=cfg.model.dtype)
+    pipe = load_pipeline(cfg.model.pipeline, device=cfg.model.device, dtype=cfg.model.dtype)
     pipe.unet.requires_grad_(True)
     reward = reward_from_specs(cfg.reward)
     items = load_prompts(cfg.prompts)
