@@ -31,3 +31,19 @@ def tiny_pipe_v():
 @pytest.fixture()
 def fresh_generator():
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture
+def load_bench():
+    """Import a script from ``bench/`` by name (the folder is not a package), e.g. ``load_bench("prdp_gradient_snr")``."""
+    import importlib.util
+    from pathlib import Path
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

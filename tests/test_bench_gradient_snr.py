@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -11,16 +10,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("prdp_gradient_snr", ROOT / "bench" / "prdp_gradient_snr.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_cosine_recovers_the_noise_to_signal_ratio():
+def test_cosine_recovers_the_noise_to_signal_ratio(load_bench):
     """Gradients = s + noise of per-trajectory variance v/n: n·(1/ρ − 1) must estimate D·v/|s|², the n* of the docstring."""
-    bench = _bench()
+    bench = load_bench("prdp_gradient_snr")
     gen = torch.Generator().manual_seed(0)
     dim, n, per_trajectory_var = 20_000, 64, 4.0
     signal = torch.randn(dim, generator=gen)
@@ -36,8 +28,8 @@ def test_cosine_recovers_the_noise_to_signal_ratio():
     assert norm == pytest.approx((1 + per_trajectory_var / n) ** 0.5, rel=0.05)
 
 
-def test_runs_end_to_end_on_the_tiny_model(capsys):
-    bench = _bench()
+def test_runs_end_to_end_on_the_tiny_model(capsys, load_bench):
+    bench = load_bench("prdp_gradient_snr")
     overrides = ["prdp.prompts_per_epoch=2", "prdp.images_per_prompt=3", "sample.num_steps=3", "model.device=cpu"]
     assert bench.main([str(ROOT / "configs" / "prdp_tiny_jpeg.yaml"), *overrides, "--batches", "2"]) == 0
     out = capsys.readouterr().out

@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("world_reward_backprop", ROOT / "bench" / "world_reward_backprop.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_sampler_draws_the_library_sampler_images_and_backprops(tiny_pipe):
+def test_sampler_draws_the_library_sampler_images_and_backprops(tiny_pipe, load_bench):
     from genreward.sampling import sample_trajectories
 
-    bench = _bench()
+    bench = load_bench("world_reward_backprop")
     prompts, seeds = ["a red circle", "two blue squares"], [3, 4]
     with torch.no_grad():
         ref = sample_trajectories(tiny_pipe, prompts, num_steps=bench.STEPS, guidance_scale=bench.GUIDANCE, eta=bench.ETA, seeds=seeds)
@@ -42,8 +30,8 @@ def test_sampler_draws_the_library_sampler_images_and_backprops(tiny_pipe):
     assert latent.grad is not None and latent.grad.abs().item() > 0
 
 
-def test_runs_end_to_end(capsys):
-    bench = _bench()
+def test_runs_end_to_end(capsys, load_bench):
+    bench = load_bench("world_reward_backprop")
     assert bench.main(["--max-steps", "2", "--eval-images", "1", "--prompts-per-step", "2", "--images-per-prompt", "2"]) == 0
     out = capsys.readouterr().out
     assert "before: held-out verifier pass" in out and "(12 captions × 1)" in out
