@@ -113,6 +113,12 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
 def _build_dataclass(cls: type[T], data: dict, prefix: str, source: str) -> T:
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    moved = getattr(cls, "__moved_keys__", {})  # old key → new key (renamed options stop with the new name)
+    for key in data:
+        if key in moved and key not in fields:
+            full = f"{prefix}.{key}" if prefix else str(key)
+            new = f"{prefix}.{moved[key]}" if prefix and "." not in moved[key] else moved[key]
+            raise ConfigError(f"{source}: key '{full}' was renamed; use '{new}'")
     unknown = [k for k in data if k not in fields]
     if unknown:
         key = unknown[0]
