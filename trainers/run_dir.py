@@ -82,6 +82,30 @@ class RunInterrupted(GenrewardError):
         self.signum = signum
 
 
+# ----------------------------------------------------------------------------------------- fault injection
+
+FAULT_ENV = "GENREWARD_FAULT"  # e.g. "save_files:2" = SIGKILL this process the 2nd time it reaches "save_files"
+_fault_counts: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """Kill this process here when ``$GENREWARD_FAULT`` names this point (crash tests; a no-op otherwise).
+
+    Points: ``log`` (after a metrics row is written), ``save_files`` (checkpoint files written, manifest not yet),
+    ``save_manifest`` (manifest written, folder not yet renamed), ``saved`` (checkpoint in place), and ``unit``
+    (a trainer finished one unit of work, before logging it).
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    point, _, count = spec.partition(":")
+    if point != name:
+        return
+    _fault_counts[name] = _fault_counts.get(name, 0) + 1
+    if _fault_counts[name] == int(count or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 # ----------------------------------------------------------------------------------------- file helpers
 
 
@@ -414,6 +438,7 @@ class RunDir:
         finally:
             os.close(fd)
         self.metrics_rows += 1
+        fault_point("log")
 
     # ---------------------------------------------------------------------------- checkpoints
     def save(self, done: int, write_files: Callable[[Path], None] | None, state: dict[str, Any]) -> Path:
@@ -432,7 +457,9 @@ class RunDir:
             write_files(tmp)
         payload = {"format": FORMAT_VERSION, "unit": self.unit, "done": int(done), "metrics_rows": self.metrics_rows, **state}
         (tmp / STATE_FILE).write_text(json.dumps(payload, allow_nan=True) + "\n", encoding="utf-8")
+        fault_point("save_files")
         write_manifest(tmp)
+        fault_point("save_manifest")
         if final.exists():  # an older, replaced checkpoint of the same count (e.g. left by a damaged run)
             trash = self.checkpoints_dir / f".old-checkpoint-{int(done)}"
             if trash.exists():
@@ -444,6 +471,7 @@ class RunDir:
             os.replace(tmp, final)
         _fsync_dir(self.checkpoints_dir)
         self._prune(keep=final)
+        fault_point("saved")
         return final
 
     def _prune(self, keep: Path) -> None:
@@ -504,6 +532,15 @@ class RunDir:
     @property
     def stop_signal(self) -> int | None:
         return self._stop_signal
+
+    def interrupted(self, path: Path) -> RunInterrupted:
+        """The error a trainer raises after saving ``path`` because a stop signal arrived."""
+        signum = int(self._stop_signal or signal.SIGTERM)
+        name = signal.Signals(signum).name
+        self.release_signals()
+        return RunInterrupted(
+            f"stopped by {name}; checkpoint saved at {path} (continue with checkpoint.resume_from=latest)", signum
+        )
 
 
 def copy_files_to(folder: Path, files: Iterable[Path]) -> None:
