@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from genreward.errors import GenrewardError
+from genreward.errors import GenrewardError, RunInterrupted
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -173,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
+    except RunInterrupted as exc:  # a clean stop on SIGINT/SIGTERM, with a checkpoint to resume from
+        print(f"genreward: {exc}", file=sys.stderr)
+        return exc.exit_code
     except GenrewardError as exc:
         print(f"genreward: error: {exc}", file=sys.stderr)
         return exc.exit_code

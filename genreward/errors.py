@@ -23,3 +23,12 @@ class ConfigError(GenrewardError):
 
 class OfflineModelError(GenrewardError):
     """A model id is neither a local folder, a built-in tiny spec, nor in the local hub cache."""
+
+
+class RunInterrupted(GenrewardError):
+    """SIGINT/SIGTERM reached a trainer: it saved a checkpoint and stopped; the CLI exits with 128 + signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + int(signum)

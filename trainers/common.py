@@ -1,15 +1,17 @@
 """Training machinery shared by every diffusion trainer (PRDP, DDPO, RPO), written once.
 
-What lives here: config sections for training; accelerate set-up (mixed precision, TF32, seeds, trackers);
-which parameters train (LoRA on the U-Net's attention projections via peft, or the full U-Net) and the frozen
-reference model; the optimiser; batched log-prob passes over stored trajectories (no-grad and weighted
-backward); checkpoint save/resume (accelerate state + diffusers-format weights); metrics.jsonl; periodic
-evaluation and the before/after gallery.
+What lives here: config sections for training (the base config every policy trainer extends); accelerate
+set-up (mixed precision, TF32, seeds, trackers); which parameters train (LoRA on the U-Net's attention
+projections via peft, or the full U-Net) and the frozen reference model; the optimiser; checkpoints through the
+one run folder (:mod:`trainers.run_dir`: diffusers-format weights + safetensors optimiser/RNG state + JSON
+trainer state); periodic evaluation and the before/after gallery. The log-prob passes are free functions in
+:mod:`trainers.passes`, the per-epoch reward statistics in :mod:`trainers.diagnostics`.
 
 Multi-process rules (the bugs users hit elsewhere): the U-Net is wrapped by ``accelerator.prepare`` *after*
-the LoRA adapters are injected, so DDP all-reduces the LoRA gradients; every rank calls ``save_state``
-(only file writes are main-process-only), so saving never deadlocks; no-grad passes use the unwrapped
-module so that ranks need not call DDP forwards in lockstep.
+the LoRA adapters are injected, so DDP all-reduces the LoRA gradients; every rank calls ``save_checkpoint``
+(only file writes are main-process-only, all ranks meet at a barrier), so saving never deadlocks; no-grad passes
+use the unwrapped module so that ranks need not call DDP forwards in lockstep; stateful rewards update their
+statistics with the rewards of every rank, so every rank holds the same state; resume loads on every rank.
 """
 
 from __future__ import annotations
@@ -19,9 +21,7 @@ import copy
 import json
 import logging
 import math
-import re
 import resource
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,14 +30,16 @@ from typing import Any, Iterator, Literal, Sequence
 import numpy as np
 import torch
 
-from genreward.config import save_config, to_dict
+from genreward.config import to_dict
 from genreward.errors import GenrewardError
-from genreward.jsonl import append_jsonl, read_jsonl
+from genreward.jsonl import read_jsonl
 from genreward.models.device import resolve_dtype
 from genreward.prompts import PromptItem, load_prompts
 from genreward.rewards.base import Reward, RewardSpec, build_from_spec
-from genreward.sampling import Trajectory, step_log_prob
+from genreward.sampling import Trajectory, sample_trajectories
 from genreward.schema import EvalSection, ModelConfig, PromptsConfig, SampleConfig
+from trainers import passes
+from trainers.run_dir import CheckpointSection, RunDir, load_tree, rng_state, save_tree, set_rng_state
 
 log = logging.getLogger("genreward.train")
 
@@ -82,14 +84,16 @@ class TrainSection:
     gradient_checkpointing: bool = False
     attention: Literal["sdpa", "xformers"] = "sdpa"
     seed: int = 0
-    batch_size: int = 8  # trajectories per U-Net forward in log-prob passes
+    chunk_size: int = 8  # trajectories per U-Net call in the log-prob passes (memory, not the gradient batch)
 
+    __moved_keys__ = {
+        "batch_size": "train.chunk_size (trajectories per U-Net call in log-prob passes); DDPO's gradient "
+        "minibatch is ddpo.minibatch_size",
+    }
 
-@dataclass
-class CheckpointSection:
-    every_epochs: int = 10  # 0 = only at the end
-    total_limit: int | None = None  # keep at most this many checkpoints (oldest removed)
-    resume_from: str | None = None  # "latest" or a checkpoint folder
+    def __post_init__(self) -> None:
+        if self.chunk_size < 1:
+            raise ValueError(f"key 'train.chunk_size' must be >= 1, got {self.chunk_size}")
 
 
 @dataclass
@@ -102,17 +106,40 @@ class LoggingSection:
 class TrainEvalSection(EvalSection):
     """Held-out evaluation during training: before training, every ``every_epochs`` and at the end."""
 
-    every_epochs: int = 0  # 0 = only before and after training
+    every: int = 0  # evaluate every N epochs; 0 = only before and after training
     enabled: bool = True
-    rewards: list[RewardSpec] = field(default_factory=list)  # empty = the training reward
+    rewards: list[RewardSpec] = field(default_factory=list)  # empty = the training reward (its state untouched)
+
+    __moved_keys__ = {"every_epochs": "every"}
+
+
+@dataclass
+class RunConfig:
+    """What every diffusion trainer's config has: where the run goes, the model, sampling and the machinery."""
+
+    output_dir: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+
+@dataclass
+class PolicyConfig(RunConfig):
+    """Score-function trainers (PRDP, DDPO): a prompt set, a reward (weighted list) and held-out evaluation."""
+
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    reward: list[RewardSpec] = field(default_factory=lambda: [RewardSpec(name="jpeg_compressibility")])
+    eval: TrainEvalSection = field(default_factory=TrainEvalSection)
 
 
 # ------------------------------------------------------------------------------------------- utilities
 
 
-def stateful(reward: Reward) -> list[Reward]:
-    """The reward itself if it carries state to checkpoint (running statistics, reference caches), else nothing."""
-    return [reward] if hasattr(reward, "state_dict") and hasattr(reward, "load_state_dict") else []
+def stateful_objects(reward: Reward) -> dict[str, Reward]:
+    """``{"reward": reward}`` if it carries state to checkpoint (running statistics, reference caches), else ``{}``."""
+    return {"reward": reward} if hasattr(reward, "state_dict") and hasattr(reward, "load_state_dict") else {}
 
 
 def eval_reward_list(eval_cfg: "TrainEvalSection", training_reward: Reward) -> list[Reward]:
@@ -174,51 +201,89 @@ def _flat(prefix: str, value: Any, out: dict) -> dict:
 
 
 class TrainingRun:
-    """Everything a trainer's loop needs besides its algorithm: models, optimiser, logging, checkpoints."""
+    """Everything a trainer's loop needs besides its algorithm: models, optimiser, logging, checkpoints.
+
+    Built from the config alone (its ``model``, ``sample``, ``train``, ``checkpoint``, ``logging`` and, when present,
+    ``eval`` sections). ``unit`` is what the trainer counts and names checkpoints by (``checkpoint-<N>`` = N units
+    done). ``checkpoint_objects`` maps names to objects with JSON-able ``state_dict()/load_state_dict()`` (DDPO's
+    tracker, stateful rewards); they are saved in the trainer state and restored on every rank.
+
+    ``train_mode``: score-function trainers (PRDP, DDPO) keep the policy in eval mode, so sampling, the no-grad
+    recompute and the loss pass evaluate one and the same function (with LoRA dropout in train mode each pass
+    would draw its own mask and the importance ratio would not start at 1); trainers that regress a denoising
+    loss (RPO) pass ``train_mode=True`` and get dropout.
+
+    The run folder is checked before anything loads and written only after the models loaded, so a bad input
+    never touches an earlier run's files.
+    """
 
     def __init__(
         self,
         config: Any,
-        model: ModelConfig,
-        train: TrainSection,
-        checkpoint: CheckpointSection,
-        logging_cfg: LoggingSection,
-        eval_cfg: TrainEvalSection,
-        sample: SampleConfig,
         need_reference: bool,
-        checkpoint_objects: Sequence[Any] = (),
+        unit: Literal["epoch", "step"] = "epoch",
+        checkpoint_objects: dict[str, Any] | None = None,
+        train_mode: bool = False,
     ) -> None:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration, set_seed
 
         self.config = config
-        self.model_cfg, self.train_cfg, self.ckpt_cfg = model, train, checkpoint
-        self.eval_cfg, self.sample_cfg = eval_cfg, sample
+        self.model_cfg, self.train_cfg, self.ckpt_cfg = config.model, config.train, config.checkpoint
+        self.sample_cfg = config.sample
+        self.eval_cfg = getattr(config, "eval", None)
         self.output_dir = Path(config.output_dir)
+        self.checkpoint_objects = dict(checkpoint_objects or {})
+        self._train_mode = train_mode
+        logging_cfg = config.logging
         trackers = [t for t in logging_cfg.trackers if self._tracker_available(t)]
+        self.run_dir = RunDir(self.output_dir, unit, config.checkpoint)
+        resume = self.run_dir.prepare()  # raises on a conflicting folder / damaged named checkpoint; writes nothing
         self.accelerator = Accelerator(
-            mixed_precision=train.mixed_precision,
-            cpu=model.device == "cpu",
+            mixed_precision=self.train_cfg.mixed_precision,
+            cpu=self.model_cfg.device == "cpu",
             log_with=trackers or None,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
         )
         acc = self.accelerator
-        if train.allow_tf32 and torch.cuda.is_available():
+        self.run_dir.is_main = acc.is_main_process
+        if self.train_cfg.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        set_seed(train.seed, device_specific=False)
-        if acc.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config, self.output_dir)
+        set_seed(self.train_cfg.seed, device_specific=False)
+        self._load_models(need_reference)
+        # Inputs are valid and the models loaded: now the run folder may change.
+        self.run_dir.start(config, resume)
         acc.wait_for_everyone()
         if trackers:
             acc.init_trackers(logging_cfg.project, config=_flat("", to_dict(config), {}))
-        self.metrics_path = self.output_dir / "metrics.jsonl"
         self.reward_means: list[float] = []  # reward_mean per logged epoch (sliding-window diagnostics)
-        self._load_models(need_reference)
-        for obj in checkpoint_objects:  # objects with state_dict()/load_state_dict(), e.g. DDPO's stat tracker
-            acc.register_for_checkpointing(obj)
-        self.start_epoch = self._maybe_resume()
+        self.resume_path: Path | None = resume
+        self.resume_state: dict[str, Any] = {}
+        self.start = 0
+        if resume is not None:
+            self._load_checkpoint(resume)
+        self.last_saved = self.start if resume is not None else None
+        self.run_dir.catch_signals()
+
+    @staticmethod
+    def load_eval_prompts(config: Any) -> list[PromptItem]:
+        """The held-out prompt set of ``config.eval`` (empty when evaluation is off); loaded before the run starts."""
+        return load_prompts(config.eval.prompts) if config.eval.enabled else []
+
+    # ------------------------------------------------------------------------------------ compat names
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir.metrics_path
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.run_dir.checkpoints_dir
+
+    @property
+    def start_epoch(self) -> int:
+        """First unit still to run (0 for a fresh run); named for PRDP/DDPO's epochs."""
+        return self.start
 
     # ------------------------------------------------------------------------------------ models
     @staticmethod
@@ -237,6 +302,8 @@ class TrainingRun:
         from genreward.models import load_pipeline
 
         acc, cfg = self.accelerator, self.train_cfg
+        if self.model_cfg.lora is not None:
+            raise GenrewardError("model.lora is for evaluation; to continue training a LoRA use checkpoint.resume_from")
         low_precision = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[cfg.mixed_precision]
         # Frozen weights in the low-precision dtype; trainable weights stay fp32 (autocast does the rest).
         pipe = load_pipeline(
@@ -274,11 +341,12 @@ class TrainingRun:
             if need_reference:
                 self.reference_unet = copy.deepcopy(unet).requires_grad_(False).eval().to(resolve_dtype(low_precision))
             unet.requires_grad_(True)
-        if self.model_cfg.lora is not None:
-            raise GenrewardError("model.lora is for evaluation; to continue training a LoRA use checkpoint.resume_from")
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-        unet.train()
+        unet.train(self._train_mode)
+        if not self._train_mode and cfg.trainable == "lora" and cfg.lora.dropout > 0:
+            log.warning("train.lora.dropout=%g has no effect in this trainer: the policy runs in eval mode so that sampled "
+                        "and recomputed log-probs match", cfg.lora.dropout)
         params = [p for p in unet.parameters() if p.requires_grad]
         if not params:
             raise GenrewardError("no trainable parameters: check train.lora.targets against the U-Net's module names")
@@ -287,7 +355,6 @@ class TrainingRun:
         self.unet, self.optimizer = acc.prepare(unet, self.optimizer)
         self.pipe = pipe
         self.trainable_params = params
-        self._register_checkpoint_hooks()
 
     def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         o = self.train_cfg.optim
@@ -318,37 +385,26 @@ class TrainingRun:
         finally:
             policy.enable_adapters()
 
-    # ----------------------------------------------------------------------------- log-prob passes
-    def chunks(self, total: int) -> list[slice]:
-        bs = self.train_cfg.batch_size
-        return [slice(i, min(i + bs, total)) for i in range(0, total, bs)]
+    # ----------------------------------------------------------------------------- sampling & passes
+    def sample(self, prompts: Sequence[str], seeds: Sequence[int], model: torch.nn.Module | None = None, **overrides: Any) -> Trajectory:
+        """Trajectories of the policy (or ``model``) with the config's sampler settings (``overrides`` win)."""
+        s = self.sample_cfg
+        kwargs = dict(num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=s.eta, negative_prompt=s.negative_prompt,
+                      batch_size=s.batch_size, height=s.height, width=s.width, reduction=s.logprob_reduction)
+        kwargs.update(overrides)
+        with self.accelerator.autocast():
+            return sample_trajectories(self.pipe, list(prompts), seeds=list(seeds), unet=model if model is not None else self.policy, **kwargs)
 
-    @torch.no_grad()
     def log_probs(self, traj: Trajectory, model: torch.nn.Module | None = None) -> torch.Tensor:
         """log π(x_{t'} | x_t, c) of every stored transition under ``model`` (default: the policy) → [B, T]."""
-        model = model if model is not None else self.policy
-        out = torch.empty(len(traj), traj.num_steps, device=traj.latents.device, dtype=torch.float32)
         with self.accelerator.autocast():
-            for step in range(traj.num_steps):
-                for idx in self.chunks(len(traj)):
-                    out[idx, step] = step_log_prob(model, self.pipe.scheduler, traj, step, idx, self.sample_cfg.logprob_reduction)
-        return out
+            return passes.recompute_log_probs(model if model is not None else self.policy, self.pipe.scheduler, traj,
+                                              self.train_cfg.chunk_size, self.sample_cfg.logprob_reduction)
 
     def backward_weighted(self, traj: Trajectory, weights: torch.Tensor) -> None:
-        """Pass 2 of the exact two-pass gradient: backprop Σ_{i,t} w[i,t]·log π_θ(i,t), chunk by chunk.
-
-        Gradients accumulate locally (``no_sync``) and are all-reduced across processes once, at the last chunk.
-        """
-        acc = self.accelerator
-        jobs = [(step, idx) for step in range(traj.num_steps) for idx in self.chunks(len(traj))]
-        for n, (step, idx) in enumerate(jobs):
-            last = n == len(jobs) - 1
-            ctx = contextlib.nullcontext() if last else acc.no_sync(self.unet)
-            with ctx:
-                with acc.autocast():
-                    lp = step_log_prob(self.unet, self.pipe.scheduler, traj, step, idx, self.sample_cfg.logprob_reduction)
-                surrogate = (weights[idx, step].to(lp.dtype).detach() * lp).sum()
-                acc.backward(surrogate)
+        """Pass 2 of the exact two-pass gradient (see :func:`trainers.passes.backward_weighted`)."""
+        passes.backward_weighted(self.unet, self.pipe.scheduler, traj, weights, self.train_cfg.chunk_size,
+                                 self.sample_cfg.logprob_reduction, self.accelerator)
 
     def optimizer_step(self) -> float:
         """Clip the global grad-norm, step, zero grads; returns the pre-clip grad norm."""
@@ -371,99 +427,86 @@ class TrainingRun:
         per = total // world
         return slice(rank * per, (rank + 1) * per)
 
+    def reward_context(self) -> dict[str, Any]:
+        """Call-context keys that let stateful rewards update with the rewards of every rank (same state everywhere)."""
+        if self.accelerator.num_processes == 1:
+            return {}
+        from accelerate.utils import gather_object
+
+        return {"gather": lambda t: self.accelerator.gather(t.contiguous()), "gather_prompts": lambda p: list(gather_object(list(p)))}
+
     # ------------------------------------------------------------------------------ logging
     def log_metrics(self, record: dict) -> None:
-        """One line in metrics.jsonl (main process) and the trackers; ``record['epoch']`` is the step."""
+        """One line in metrics.jsonl (main process) and the trackers."""
         acc = self.accelerator
         if "reward_mean" in record:
             self.reward_means.append(record["reward_mean"])
-        if acc.is_main_process:
-            append_jsonl(self.metrics_path, record)
+        self.run_dir.log(record)
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         if acc.trackers:
-            acc.log(scalars, step=int(record.get("epoch", 0)))
+            acc.log(scalars, step=int(record.get(self.run_dir.unit, 0)))
 
     def gather_rewards(self, rewards: torch.Tensor) -> torch.Tensor:
         return self.accelerator.gather(rewards.contiguous())
 
     # --------------------------------------------------------------------------- checkpoints
-    @property
-    def checkpoints_dir(self) -> Path:
-        return self.output_dir / "checkpoints"
-
-    def _register_checkpoint_hooks(self) -> None:
-        """Save/load the U-Net in diffusers format inside accelerate's state folder (not a raw state dict)."""
-        acc, trainable = self.accelerator, self.train_cfg.trainable
-
-        def save_hook(models, weights, output_dir):
-            if acc.is_main_process:
-                for model in models:
-                    save_unet_weights(acc.unwrap_model(model), output_dir, trainable)
-            while weights:
-                weights.pop()
-
-        def load_hook(models, input_dir):
-            while models:
-                load_unet_weights(acc.unwrap_model(models.pop()), input_dir, trainable)
-
-        acc.register_save_state_pre_hook(save_hook)
-        acc.register_load_state_pre_hook(load_hook)
-
-    def save_checkpoint(self, epoch: int, extra: dict | None = None) -> Path:
-        """``checkpoints/checkpoint-EPOCH``: accelerate state (optimiser, RNG, registered objects) + weights.
-
-        Called on every process (accelerate's own collectives inside), so multi-GPU saving cannot hang.
-        """
+    def save_checkpoint(self, done: int, extra: dict | None = None) -> Path:
+        """``checkpoints/checkpoint-<done>``: diffusers-format weights, optimiser/RNG state (safetensors), trainer
+        state (JSON: counters, ``extra``, checkpoint objects). Called on every process; main writes, all meet."""
         acc = self.accelerator
-        path = self.checkpoints_dir / f"checkpoint-{epoch}"
-        acc.save_state(str(path))
-        if acc.is_main_process:
-            (path / "trainer_state.json").write_text(json.dumps({"epoch": epoch, **(extra or {})}) + "\n")
-            self._prune_checkpoints()
+        acc.wait_for_everyone()
+        policy, trainable = self.policy, self.train_cfg.trainable
+
+        def write_files(folder: Path) -> None:
+            save_unet_weights(policy, folder, trainable)
+            save_tree(self.optimizer.state_dict(), folder / "optimizer.safetensors")
+            save_tree(rng_state(), folder / "rng.safetensors")
+
+        state: dict[str, Any] = {"extra": extra or {},
+                                 "objects": {name: obj.state_dict() for name, obj in self.checkpoint_objects.items()}}
+        if getattr(acc, "scaler", None) is not None:
+            state["grad_scaler"] = acc.scaler.state_dict()
+        path = self.run_dir.save(done, write_files, state)
+        self.last_saved = done
         acc.wait_for_everyone()
         return path
 
+    def _load_checkpoint(self, path: Path) -> None:
+        """Restore weights, optimiser, RNG, grad scaler and checkpoint objects on this rank (no pickle anywhere)."""
+        acc = self.accelerator
+        state = self.run_dir.load_state(path)
+        try:
+            load_unet_weights(self.policy, path, self.train_cfg.trainable)
+            self.optimizer.load_state_dict(load_tree(path / "optimizer.safetensors"))
+            set_rng_state(load_tree(path / "rng.safetensors"))
+        except GenrewardError:
+            raise
+        except Exception as exc:  # a checkpoint of another model / trainable setting
+            raise GenrewardError(f"checkpoint {path} does not fit this run ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+        if "grad_scaler" in state and getattr(acc, "scaler", None) is not None:
+            acc.scaler.load_state_dict(state["grad_scaler"])
+        for name, obj in self.checkpoint_objects.items():
+            if name in state.get("objects", {}):
+                obj.load_state_dict(state["objects"][name])
+        self.resume_state = state.get("extra", {})
+        self.start = int(state["done"])
+        self.reward_means = [r["reward_mean"] for r in self.run_dir.metrics() if r.get("reward_mean") is not None]
+        log.info("resumed from %s (%d %ss done)", path, self.start, self.run_dir.unit)
+
     def list_checkpoints(self) -> list[Path]:
-        if not self.checkpoints_dir.is_dir():
-            return []
-        found = [p for p in self.checkpoints_dir.iterdir() if re.fullmatch(r"checkpoint-\d+", p.name) and (p / "trainer_state.json").is_file()]
-        return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+        return [p for _, p in self.run_dir.list_checkpoints()]
 
-    def _prune_checkpoints(self) -> None:
-        limit = self.ckpt_cfg.total_limit
-        if limit is None:
+    def check_stop(self, done: int, extra: dict | None = None) -> None:
+        """At a unit boundary: if any rank got SIGINT/SIGTERM, save ``checkpoint-<done>`` and stop cleanly."""
+        acc = self.accelerator
+        flag = torch.tensor([1.0 if self.run_dir.stop_signal is not None else 0.0], device=acc.device)
+        if acc.num_processes > 1:
+            flag = acc.gather(flag)
+        if float(flag.max()) == 0.0:
             return
-        for old in self.list_checkpoints()[:-limit]:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def _maybe_resume(self) -> int:
-        """Load the requested checkpoint; return the first epoch still to train (0 for a fresh run)."""
-        spec = self.ckpt_cfg.resume_from
-        if not spec:
-            if self.accelerator.is_main_process and self.metrics_path.exists():
-                self.metrics_path.unlink()  # a fresh run starts a fresh log
-            return 0
-        if spec == "latest":
-            found = self.list_checkpoints()
-            if not found:
-                log.warning("checkpoint.resume_from=latest but %s holds no checkpoint; starting from scratch", self.checkpoints_dir)
-                return 0
-            path = found[-1]
-        else:
-            path = Path(spec)
-            if not (path / "trainer_state.json").is_file():
-                raise GenrewardError(f"checkpoint.resume_from: {path} is not a genreward checkpoint (no trainer_state.json)")
-        self.resume_path = path
-        self.accelerator.load_state(str(path))
-        state = json.loads((path / "trainer_state.json").read_text())
-        epoch = int(state["epoch"])
-        if self.accelerator.is_main_process and self.metrics_path.exists():
-            kept = [r for r in read_jsonl(self.metrics_path) if int(r.get("epoch", -1)) <= epoch]
-            self.metrics_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
-            self.reward_means = [r["reward_mean"] for r in kept if r.get("reward_mean") is not None]
-        self.accelerator.wait_for_everyone()
-        log.info("resumed from %s (epoch %d done)", path, epoch)
-        return epoch + 1
+        path = self.save_checkpoint(done, extra) if self.last_saved != done else self.run_dir.checkpoint_path(done)
+        acc.end_training()
+        raise self.run_dir.interrupted(path)
 
     # ---------------------------------------------------------------------------- evaluation
     def evaluate(self, tag: str, items: list[PromptItem], rewards: list[Reward]) -> dict[str, float] | None:
@@ -473,8 +516,6 @@ class TrainingRun:
         acc = self.accelerator
         summary = None
         if acc.is_main_process:
-            was_training = self.policy.training
-            self.policy.eval()
             with acc.autocast():
                 result = evaluate(
                     self.pipe,
@@ -488,7 +529,6 @@ class TrainingRun:
                     unet=self.policy,
                     progress=False,
                 )
-            self.policy.train(was_training)
             summary = result.summary
         acc.wait_for_everyone()
         return summary
@@ -506,25 +546,24 @@ class TrainingRun:
         return identical
 
     def end_of_epoch(self, epoch: int, total_epochs: int, eval_items: list[PromptItem], eval_rewards: list[Reward]) -> None:
-        """Periodic checkpoint and held-out evaluation (the last epoch is handled by :meth:`finish`)."""
+        """After epoch index ``epoch``: periodic checkpoint and evaluation, then a stop if a signal arrived."""
         done = epoch + 1
-        if done >= total_epochs:
-            return
-        if self.ckpt_cfg.every_epochs and done % self.ckpt_cfg.every_epochs == 0:
-            self.save_checkpoint(epoch)
-        if eval_items and self.eval_cfg.every_epochs and done % self.eval_cfg.every_epochs == 0:
-            self.evaluate(f"epoch_{done:05d}", eval_items, eval_rewards)
+        if done < total_epochs:
+            if self.run_dir.due(done, total_epochs):
+                self.save_checkpoint(done)
+            if eval_items and self.eval_cfg.every and done % self.eval_cfg.every == 0:
+                self.evaluate(f"epoch_{done:05d}", eval_items, eval_rewards)
+        self.check_stop(done)
 
-    def finish(self, final_epoch: int, eval_items: list[PromptItem] | None, eval_rewards: list[Reward] | None) -> dict:
-        """Final checkpoint, final evaluation, before/after gallery and reward curve."""
+    def finish(self, total: int, eval_items: list[PromptItem] | None, eval_rewards: list[Reward] | None) -> dict:
+        """Final checkpoint (``checkpoint-<total>``), final evaluation, before/after gallery and reward curve."""
         from genreward.gallery import write_gallery
 
         acc = self.accelerator
         out: dict[str, Any] = {}
-        last = self.list_checkpoints()
-        if not last or int(last[-1].name.split("-")[1]) != final_epoch:
-            self.save_checkpoint(final_epoch)
-        out["checkpoint"] = str(self.checkpoints_dir / f"checkpoint-{final_epoch}")
+        if self.last_saved != total:
+            self.save_checkpoint(total)
+        out["checkpoint"] = str(self.run_dir.checkpoint_path(total))
         out["replicas_identical"] = self.check_replicas()
         if eval_items and self.eval_cfg.enabled:
             out["final"] = self.evaluate("final", eval_items, eval_rewards)
@@ -534,18 +573,19 @@ class TrainingRun:
                 out["gallery"] = str(
                     write_gallery(final, compare_dir=before if before.is_dir() else None, out_path=self.output_dir / "gallery.html")
                 )
-        if acc.is_main_process and self.metrics_path.exists():
+        if acc.is_main_process and self.run_dir.metrics():
             out["reward_curve"] = str(plot_reward_curve(self.metrics_path, self.output_dir / "reward_curve.png"))
         acc.wait_for_everyone()
+        self.run_dir.release_signals()
         acc.end_training()
         return out
 
 
-def training_progress(acc, start: int, total: int):
-    """Epoch progress bar on the main process only."""
+def training_progress(acc, start: int, total: int, unit: str = "epoch"):
+    """Progress bar over epochs or steps, on the main process only."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=start, desc="epochs", unit="epoch", disable=not acc.is_main_process)
+    return tqdm(total=total, initial=start, desc=f"{unit}s", unit=unit, disable=not acc.is_main_process)
 
 
 # ------------------------------------------------------------------------------------- weights I/O
@@ -594,14 +634,14 @@ def plot_reward_curve(metrics_path: Path, out_path: Path, key: str = "reward_mea
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in read_jsonl(metrics_path) if key in r and "epoch" in r]
-    epochs = [r["epoch"] for r in rows]
+    rows = [r for r in read_jsonl(metrics_path) if key in r and ("epoch" in r or "step" in r)]
+    epochs = [r["epoch"] if "epoch" in r else r["step"] for r in rows]
     mean = np.array([r[key] for r in rows], dtype=float)
     std = np.array([r.get("reward_std", 0.0) for r in rows], dtype=float)
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     ax.plot(epochs, mean, marker="o", label=key)
     ax.fill_between(epochs, mean - std, mean + std, alpha=0.2, label="± std")
-    ax.set_xlabel("epoch")
+    ax.set_xlabel("epoch" if rows and "epoch" in rows[0] else "step")
     ax.set_ylabel("reward")
     ax.set_title(rows[0].get("reward_name", "reward") if rows else "reward")
     ax.grid(alpha=0.3)

@@ -16,25 +16,24 @@ from typing import Literal
 import numpy as np
 import torch
 
-from genreward.rewards.base import RewardSpec, reward_from_specs
-from genreward.sampling import sample_trajectories, step_log_prob
-from genreward.schema import ModelConfig, PromptsConfig, SampleConfig
+from genreward.rewards.base import reward_from_specs
+from genreward.sampling import step_log_prob
 from trainers.common import (
-    CheckpointSection,
-    LoggingSection,
     OptimSection,
+    PolicyConfig,
     Timer,
-    TrainEvalSection,
     TrainingRun,
     TrainSection,
     derived_seed,
     eval_reward_list,
     peak_rss_mb,
-    stateful,
+    stateful_objects,
     training_progress,
 )
-from trainers.losses import PerPromptStatTracker, batch_advantages, ddpo_loss
-from trainers.prdp import epoch_record
+from trainers.diagnostics import epoch_record
+from trainers.losses import PerPromptStatTracker, accumulation_divisors, batch_advantages, ddpo_loss
+from trainers.prdp import load_checked_prompts
+from trainers.run_dir import fault_point
 
 log = logging.getLogger("genreward.ddpo")
 
@@ -45,7 +44,8 @@ class DDPOSection:
 
     epochs: int = 100
     samples_per_epoch: int = 256  # over all processes (8 per GPU × 4 batches × 8 GPUs in the reference)
-    gradient_accumulation_steps: int = 2  # minibatches (of train.batch_size) per optimiser step
+    minibatch_size: int = 4  # trajectories per gradient minibatch (ddpo-pytorch's train.batch_size)
+    gradient_accumulation_steps: int = 2  # minibatches per optimiser step
     clip_range: float = 1e-4  # PPO ratio clip ε
     adv_clip_max: float = 5.0
     timestep_fraction: float = 1.0  # fraction of each trajectory's steps trained on
@@ -57,65 +57,53 @@ class DDPOSection:
     def __post_init__(self) -> None:
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"key 'ddpo.timestep_fraction' must be in (0, 1], got {self.timestep_fraction}")
-        for name in ("epochs", "samples_per_epoch", "gradient_accumulation_steps", "inner_epochs"):
+        for name in ("epochs", "samples_per_epoch", "minibatch_size", "gradient_accumulation_steps", "inner_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"key 'ddpo.{name}' must be >= 1, got {getattr(self, name)}")
 
 
 def _ddpo_train_defaults() -> TrainSection:
-    return TrainSection(optim=OptimSection(lr=3e-4), batch_size=4)
+    return TrainSection(optim=OptimSection(lr=3e-4))
 
 
 @dataclass
-class DDPOConfig:
-    output_dir: str
+class DDPOConfig(PolicyConfig):
+    """``trainer: ddpo``. Checkpoints count epochs: ``checkpoint-<epochs done>``."""
+
     trainer: Literal["ddpo"] = "ddpo"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    prompts: PromptsConfig = field(default_factory=PromptsConfig)
-    reward: list[RewardSpec] = field(default_factory=lambda: [RewardSpec(name="jpeg_compressibility")])
     ddpo: DDPOSection = field(default_factory=DDPOSection)
     train: TrainSection = field(default_factory=_ddpo_train_defaults)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
-    logging: LoggingSection = field(default_factory=LoggingSection)
-    eval: TrainEvalSection = field(default_factory=TrainEvalSection)
 
 
 def train(config: DDPOConfig) -> dict:
     d = config.ddpo
+    prompts = load_checked_prompts(config, 1, "prompts")
+    eval_items = TrainingRun.load_eval_prompts(config)
     tracker = PerPromptStatTracker(d.tracker_buffer_size, d.tracker_min_count) if d.per_prompt_stat_tracking else None
     reward = reward_from_specs(config.reward)
-    run = TrainingRun(
-        config, config.model, config.train, config.checkpoint, config.logging, config.eval, config.sample,
-        need_reference=False, checkpoint_objects=([tracker] if tracker else []) + stateful(reward),
-    )
-    acc = run.accelerator
-    prompts = run.load_prompts(config.prompts)
-    local = run.local_slice(d.samples_per_epoch, "ddpo.samples_per_epoch")
-    eval_items = run.load_prompts(config.eval.prompts) if config.eval.enabled else []
     eval_rewards = eval_reward_list(config.eval, reward)
-    if eval_items and run.start_epoch == 0:
+    objects = {**({"tracker": tracker} if tracker else {}), **stateful_objects(reward)}
+    run = TrainingRun(config, need_reference=False, unit="epoch", checkpoint_objects=objects)
+    acc = run.accelerator
+    local = run.local_slice(d.samples_per_epoch, "ddpo.samples_per_epoch")
+    if eval_items and run.start == 0:
         run.evaluate("before", eval_items, eval_rewards)
     T = config.sample.num_steps
     t_train = max(1, int(T * d.timestep_fraction))
-    progress = training_progress(acc, run.start_epoch, d.epochs)
+    progress = training_progress(acc, run.start, d.epochs)
 
-    for epoch in range(run.start_epoch, d.epochs):
+    for epoch in range(run.start, d.epochs):
         timer = Timer()
         gen = torch.Generator().manual_seed(derived_seed(config.train.seed, epoch, 0))
         chosen_all = torch.randint(len(prompts), (d.samples_per_epoch,), generator=gen).tolist()
         items = [prompts[i] for i in chosen_all[local]]
         texts = [it.prompt for it in items]
         seeds = [derived_seed(config.train.seed, epoch, 1, local.start + i) for i in range(len(items))]
-        with timer("sampling"), acc.autocast():
-            traj = sample_trajectories(
-                run.pipe, texts, num_steps=T, guidance_scale=config.sample.guidance_scale, eta=config.sample.eta,
-                negative_prompt=config.sample.negative_prompt, seeds=seeds, batch_size=config.sample.batch_size,
-                height=config.sample.height, width=config.sample.width, reduction=config.sample.logprob_reduction,
-                unet=run.policy,
-            )
+        with timer("sampling"):
+            traj = run.sample(texts, seeds)
         with timer("reward"), torch.no_grad():
-            rewards = reward(traj.images, texts, metadata=[it.metadata for it in items]).scores.detach().float().to(acc.device)
+            rewards = reward(traj.images, texts, metadata=[it.metadata for it in items],
+                             **run.reward_context()).scores.detach().float().to(acc.device)
         # Advantages from the rewards of all processes (per-prompt statistics need every sample of a prompt).
         all_rewards = run.gather_rewards(rewards).cpu().numpy()
         all_texts = [prompts[i].prompt for i in chosen_all]
@@ -128,9 +116,10 @@ def train(config: DDPOConfig) -> dict:
                 g = torch.Generator().manual_seed(derived_seed(config.train.seed, epoch, 2, acc.process_index, inner))
                 order = torch.randperm(len(traj), generator=g)
                 time_order = torch.stack([torch.randperm(T, generator=g) for _ in range(len(traj))])
-                minibatches = [order[i : i + config.train.batch_size] for i in range(0, len(traj), config.train.batch_size)]
+                minibatches = [order[i : i + d.minibatch_size] for i in range(0, len(traj), d.minibatch_size)]
                 accum = d.gradient_accumulation_steps * t_train
                 slots = [(mb, j) for mb in minibatches for j in range(t_train)]
+                divisors = accumulation_divisors(len(slots), accum)  # the last group may be shorter
                 for n, (mb, j) in enumerate(slots):
                     sync = (n + 1) % accum == 0 or n == len(slots) - 1
                     steps = time_order[mb, j]
@@ -140,7 +129,7 @@ def train(config: DDPOConfig) -> dict:
                             lp = step_log_prob(run.unet, run.pipe.scheduler, traj, steps, mb, config.sample.logprob_reduction)
                         old = traj.log_probs[mb, steps]
                         loss, stats = ddpo_loss(lp, old, advantages[mb], d.clip_range, d.adv_clip_max)
-                        acc.backward(loss / accum)
+                        acc.backward(loss / divisors[n])
                     if first_ratio is None:
                         first_ratio = float(stats["ratio"])
                     for key, value in {"loss": loss.detach(), **stats}.items():
@@ -148,6 +137,7 @@ def train(config: DDPOConfig) -> dict:
                     n_stats += 1
                     if sync:
                         grad_norm = run.optimizer_step()
+        fault_point("unit")
         record = epoch_record(run, epoch, reward.name, rewards.view(-1, 1), torch.isfinite(rewards).view(-1, 1), prompts=all_texts)
         record.update({k: v / max(n_stats, 1) for k, v in stats_sum.items()})
         record.update(ratio_first=first_ratio, grad_norm=grad_norm, lr=config.train.optim.lr, peak_rss_mb=peak_rss_mb())
@@ -159,4 +149,4 @@ def train(config: DDPOConfig) -> dict:
         progress.set_postfix(reward=f"{record['reward_mean']:.4g}", kl=f"{record.get('approx_kl', 0):.2g}")
         run.end_of_epoch(epoch, d.epochs, eval_items, eval_rewards)
     progress.close()
-    return run.finish(d.epochs - 1, eval_items, eval_rewards)
+    return run.finish(d.epochs, eval_items, eval_rewards)

@@ -279,6 +279,22 @@ def _like_input(values: np.ndarray, rewards: torch.Tensor | np.ndarray | Sequenc
     return values
 
 
+def accumulation_divisors(num_slots: int, accumulation: int) -> list[int]:
+    """For each of ``num_slots`` consecutive backward passes, the size of its gradient-accumulation group.
+
+    Groups hold ``accumulation`` passes, the last one possibly fewer; dividing each pass's loss by its own group's
+    size makes every optimiser step use the mean over the passes it actually accumulated (dividing the short last
+    group by the full count would shrink that step).
+    """
+    if num_slots < 0 or accumulation < 1:
+        raise ValueError(f"accumulation_divisors: need num_slots >= 0 and accumulation >= 1, got {num_slots}, {accumulation}")
+    out = []
+    for start in range(0, num_slots, accumulation):
+        size = min(accumulation, num_slots - start)
+        out.extend([size] * size)
+    return out
+
+
 def batch_advantages(rewards: torch.Tensor | np.ndarray | Sequence[float]) -> torch.Tensor | np.ndarray:
     """Advantages with per-prompt tracking off: (r − mean)/(std + 1e-8) over the batch (population std).
 

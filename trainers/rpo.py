@@ -31,13 +31,12 @@ from genreward.images import load_images, save_png
 from genreward.prompts import PromptItem
 from genreward.rewards.base import RewardSpec, build_from_spec
 from genreward.rewards.lambda_harmonic import LambdaHarmonic
-from genreward.sampling import decode_latents, sample_trajectories
+from genreward.sampling import decode_latents
 from genreward.schema import ModelConfig, SampleConfig
 from trainers.common import (
-    CheckpointSection,
-    LoggingSection,
+    OptimSection,
+    RunConfig,
     Timer,
-    TrainEvalSection,
     TrainingRun,
     TrainSection,
     derived_seed,
@@ -46,7 +45,9 @@ from trainers.common import (
     peak_rss_mb,
     plot_reward_curve,
     save_unet_weights,
+    training_progress,
 )
+from trainers.run_dir import CheckpointSection, fault_point
 from trainers.losses_rpo import (
     bradley_terry_probability,
     per_image_mse,
@@ -147,27 +148,23 @@ class RPOEvalSection:
 
 
 @dataclass
-class RPOConfig:
-    output_dir: str
+class RPOConfig(RunConfig):
+    """``trainer: rpo``. Checkpoints count optimiser steps: ``checkpoint-<steps done>``, saved at every validation
+    (and every ``checkpoint.every`` steps when set)."""
+
     trainer: Literal["rpo"] = "rpo"
-    model: ModelConfig = field(default_factory=ModelConfig)
     sample: SampleConfig = field(default_factory=lambda: SampleConfig(num_steps=50, guidance_scale=7.5, eta=0.0))
     subject: SubjectSection = field(default_factory=SubjectSection)
     reward: RewardSpec = field(
         default_factory=lambda: RewardSpec(name="lambda_harmonic", options={"backend": "align", "model": "kakaobrain/align-base"})
     )
     rpo: RPOSection = field(default_factory=RPOSection)
-    train: TrainSection = field(
-        default_factory=lambda: TrainSection(trainable="full", optim=_paper_optim(), batch_size=1)
-    )
-    checkpoint: CheckpointSection = field(default_factory=lambda: CheckpointSection(every_epochs=0, total_limit=1))
-    logging: LoggingSection = field(default_factory=LoggingSection)
+    train: TrainSection = field(default_factory=lambda: TrainSection(trainable="full", optim=_paper_optim(), chunk_size=1))
+    checkpoint: CheckpointSection = field(default_factory=lambda: CheckpointSection(every=0, total_limit=1))
     eval: RPOEvalSection = field(default_factory=RPOEvalSection)
 
 
-def _paper_optim():
-    from trainers.common import OptimSection
-
+def _paper_optim() -> OptimSection:
     return OptimSection(lr=5e-6, weight_decay=1e-2, max_grad_norm=1.0)
 
 
@@ -251,10 +248,7 @@ def train(config: RPOConfig) -> dict:
         raise GenrewardError(f"reward.name: RPO uses the lambda_harmonic reward, got {config.reward.name!r}")
     if not subj.references.startswith("skimage:"):
         image_files(subj.references)  # fail fast, before any model loads, on a missing or empty subject folder
-    run = TrainingRun(
-        config, config.model, config.train, config.checkpoint, config.logging,
-        TrainEvalSection(enabled=False), config.sample, need_reference=True,
-    )
+    run = TrainingRun(config, need_reference=True, unit="step", train_mode=True)  # dropout acts in the denoising loss
     acc, pipe, out = run.accelerator, run.pipe, run.output_dir
     device, scheduler = acc.device, pipe.scheduler
     resolution = r.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -317,20 +311,15 @@ def train(config: RPOConfig) -> dict:
 
     # -- validation / model selection state (restored on resume) -------------------------------------------
     state = {"history": [], "best_step": None, "best_value": None}
-    resume = getattr(run, "resume_path", None)
-    if resume is not None:
-        saved = json.loads((Path(resume) / "trainer_state.json").read_text())
-        state.update({k: saved[k] for k in ("history", "best_step", "best_value") if k in saved})
+    state.update({k: run.resume_state[k] for k in ("history", "best_step", "best_value") if k in run.resume_state})
     val_items = [PromptItem(p, {"subject": subj.class_noun}) for p in val_prompts]
-    if run.start_epoch == 0:
+    if run.start == 0:
         before = validate(run, config, val_items, val_rewards, "step-00000")
-        run.log_metrics({"epoch": -1, "step": 0, **{f"val_{k}": v for k, v in before.items()}, "val_lambda": r.lambda_val})
+        run.log_metrics({"step": 0, **{f"val_{k}": v for k, v in before.items()}, "val_lambda": r.lambda_val})
 
     world, rank = acc.num_processes, acc.process_index
-    from tqdm.auto import tqdm
-
-    progress = tqdm(total=r.max_train_steps, initial=run.start_epoch, desc="rpo steps", unit="step", disable=not acc.is_main_process)
-    for step in range(run.start_epoch, r.max_train_steps):
+    progress = training_progress(acc, run.start, r.max_train_steps, unit="step")
+    for step in range(run.start, r.max_train_steps):
         timer = Timer()
         gen = torch.Generator().manual_seed(derived_seed(config.train.seed, 3, step, rank))
         items = [step * r.batch_size * world + rank * r.batch_size + b for b in range(r.batch_size)]
@@ -363,7 +352,8 @@ def train(config: RPOConfig) -> dict:
             )
             acc.backward(loss)
             grad_norm = run.optimizer_step()
-        record = {"epoch": step, "step": step + 1, **{k: float(acc.gather(v.reshape(1)).mean()) for k, v in stats.items()}}
+        fault_point("unit")
+        record = {"step": step + 1, **{k: float(acc.gather(v.reshape(1)).mean()) for k, v in stats.items()}}
         record.update(label_prob=float(prob.mean()), grad_norm=grad_norm, lr=config.train.optim.lr, peak_rss_mb=peak_rss_mb())
         record.update({f"time_{k}": round(v, 4) for k, v in timer.seconds.items()})
         done = step + 1
@@ -378,11 +368,14 @@ def train(config: RPOConfig) -> dict:
                 save_best(run, done, val)
             record["best_step"] = state["best_step"]
             run.log_metrics(record)
-            run.save_checkpoint(step, extra={"step": done, **state})
+            run.save_checkpoint(done, extra=state)
         else:
             run.log_metrics(record)
+            if run.run_dir.due(done, r.max_train_steps):
+                run.save_checkpoint(done, extra=state)
         progress.update(1)
         progress.set_postfix(loss=f"{record['loss']:.4f}", best=state["best_step"])
+        run.check_stop(done, extra=state)
     progress.close()
     result = finish(run, config, state, references, ref_folder)
     result["reference_unchanged"] = param_digest(frozen_parameters(run)) == reference_digest
@@ -407,13 +400,8 @@ def generate_negatives(run: TrainingRun, prompts: list[str], per_prompt: int, re
     if acc.is_main_process and not all(p.is_file() for row in paths for p in row):
         flat = [p for p in prompts for _ in range(per_prompt)]
         seeds = [derived_seed(config.train.seed, 1, k, j) for k in range(len(prompts)) for j in range(per_prompt)]
-        s = config.sample
-        with torch.no_grad(), run.reference() as frozen, acc.autocast():
-            traj = sample_trajectories(
-                run.pipe, flat, num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=s.eta,
-                negative_prompt=s.negative_prompt, seeds=seeds, batch_size=s.batch_size, height=resolution,
-                width=resolution, unet=frozen, progress=True,
-            )
+        with torch.no_grad(), run.reference() as frozen:
+            traj = run.sample(flat, seeds, model=frozen, height=resolution, width=resolution, progress=True)
         for n, path in enumerate(p for row in paths for p in row):
             save_png(traj.images[n], path)
         (folder / "prompts.json").write_text(json.dumps({"prompts": prompts, "per_prompt": per_prompt}, indent=2) + "\n")

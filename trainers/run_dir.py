@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from genreward.config import save_config
-from genreward.errors import GenrewardError
+from genreward.errors import GenrewardError, RunInterrupted
 
 log = logging.getLogger("genreward.run")
 
@@ -72,14 +72,6 @@ class CheckpointSection:
             raise ValueError(f"key 'checkpoint.total_limit' must be >= 1 or null, got {self.total_limit}")
         if self.resume_from is not None and not str(self.resume_from).strip():
             raise ValueError("key 'checkpoint.resume_from' must be 'latest', a checkpoint folder, or null")
-
-
-class RunInterrupted(GenrewardError):
-    """SIGINT/SIGTERM reached a trainer: it saved a checkpoint and stopped (CLI exit code 128 + signal)."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.signum = signum
 
 
 # ----------------------------------------------------------------------------------------- fault injection
@@ -381,10 +373,15 @@ class RunDir:
             self.metrics_rows = int(self.load_state(resume).get("metrics_rows", 0)) if resume is not None else 0
 
     def _clear_previous_run(self) -> None:
-        if self.checkpoints_dir.exists():
-            shutil.rmtree(self.checkpoints_dir)
-        for name in ("metrics.jsonl", "config.yaml"):
-            (self.root / name).unlink(missing_ok=True)
+        """``checkpoint.overwrite``: empty the folder of the earlier run (its checkpoints, metrics, evaluations,
+        negatives, galleries...), so nothing of it can leak into the new run."""
+        if not self.holds_run():
+            return
+        for child in self.root.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
 
     def _truncate_metrics(self, rows: int) -> int:
         """Keep the first ``rows`` complete rows of metrics.jsonl (a torn or extra tail is dropped)."""

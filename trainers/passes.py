@@ -1,0 +1,57 @@
+"""The log-prob passes over stored trajectories, as free functions (trainers, benches and tests call them).
+
+* :func:`recompute_log_probs` — log π(x_{t'} | x_t, c) of every stored transition under a model, no graph
+  (PRDP's pass 1 and reference pass, ``genreward check``-style diagnostics);
+* :func:`backward_weighted` — PRDP's pass 2 (docs/algorithms/prdp.md §4.1): back-propagate
+  Σ_{i,t} w[i,t]·log π_θ(i,t) chunk by chunk, so memory is that of one U-Net call of ``chunk_size`` trajectories.
+
+Both go through :func:`genreward.sampling.step_log_prob`, the one implementation of the step density.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from genreward.sampling import Trajectory, step_log_prob
+
+
+def chunks(total: int, chunk_size: int) -> list[slice]:
+    """Consecutive slices of at most ``chunk_size`` covering ``range(total)``."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return [slice(i, min(i + chunk_size, total)) for i in range(0, total, chunk_size)]
+
+
+@torch.no_grad()
+def recompute_log_probs(model: torch.nn.Module, scheduler: Any, traj: Trajectory, chunk_size: int,
+                        reduction: str = "mean") -> torch.Tensor:
+    """``[B, T]`` log-probs of the stored transitions under ``model`` (call inside the run's autocast)."""
+    out = torch.empty(len(traj), traj.num_steps, device=traj.latents.device, dtype=torch.float32)
+    for step in range(traj.num_steps):
+        for idx in chunks(len(traj), chunk_size):
+            out[idx, step] = step_log_prob(model, scheduler, traj, step, idx, reduction)
+    return out
+
+
+def backward_weighted(model: torch.nn.Module, scheduler: Any, traj: Trajectory, weights: torch.Tensor, chunk_size: int,
+                      reduction: str = "mean", accelerator: Any = None) -> None:
+    """Accumulate ∇ Σ_{i,t} weights[i,t]·log π_model(i,t) into the trainable parameters' ``.grad``.
+
+    With an accelerator, each chunk runs under its autocast and gradients are all-reduced across processes once,
+    at the last chunk (``no_sync`` before it). Without one, plain ``loss.backward()``.
+    """
+    jobs = [(step, idx) for step in range(traj.num_steps) for idx in chunks(len(traj), chunk_size)]
+    for n, (step, idx) in enumerate(jobs):
+        last = n == len(jobs) - 1
+        if accelerator is None:
+            lp = step_log_prob(model, scheduler, traj, step, idx, reduction)
+            (weights[idx, step].to(lp.dtype).detach() * lp).sum().backward()
+            continue
+        ctx = contextlib.nullcontext() if last else accelerator.no_sync(model)
+        with ctx:
+            with accelerator.autocast():
+                lp = step_log_prob(model, scheduler, traj, step, idx, reduction)
+            accelerator.backward((weights[idx, step].to(lp.dtype).detach() * lp).sum())
