@@ -2,12 +2,12 @@
 
 For a PRDP config, fixes N prompts, samples ``--batches`` independent sets of B trajectories per prompt from the
 initial model (θ = θ_ref), scores them with the config's reward, and computes each set's exact PRDP gradient at
-initialisation (all T steps, spec §4.1) with respect to every U-Net parameter. If a batch gradient is
+initialisation (all T steps, docs/algorithms/prdp.md §4.1) with respect to every U-Net parameter. If a batch gradient is
 signal s plus independent noise of variance σ²/n (n = N·B trajectories), the expected cosine between two such
 gradients is ρ = |s|² / (|s|² + σ²/n), so the trajectories needed for a gradient whose noise equals its
 signal (ρ = 0.5) are n* = n·(1/ρ − 1). Printed per parameter group and for the sum over timestep ranges.
 
-    PYTHONPATH=. python bench/prdp_gradient_snr.py configs/prdp_world_judge.yaml [--batches 3] [--threads 2]
+    python bench/prdp_gradient_snr.py configs/prdp_world_judge.yaml [--batches 3] [--threads 2]
 
 A ρ near 0 means the policy gradient is mostly noise at this batch size: learning then needs many more
 trajectories (or many small steps whose noise averages out), whatever the learning rate.
@@ -17,21 +17,18 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from genreward.config import load_config  # noqa: E402
-from genreward.models.pipeline import load_pipeline  # noqa: E402
-from genreward.prompts import load_prompts  # noqa: E402
-from genreward.rewards.base import reward_from_specs  # noqa: E402
-from genreward.sampling import sample_trajectories, step_log_prob  # noqa: E402
-from trainers.losses import rdp_step_weights  # noqa: E402
-from trainers.prdp import PRDPConfig  # noqa: E402
+from genreward.config import load_config
+from genreward.models.pipeline import load_pipeline
+from genreward.prompts import load_prompts
+from genreward.rewards.base import reward_from_specs
+from genreward.sampling import sample_trajectories
+from trainers.losses import rdp_step_weights
+from trainers.passes import backward_weighted
+from trainers.prdp import PRDPConfig
 
 GROUPS = {
     "cross-attention": lambda n: ".attn2." in n,
@@ -59,11 +56,7 @@ def batch_gradient(pipe, cfg: PRDPConfig, reward, items, seed0: int, step_ranges
     per_range = []
     for steps in step_ranges:
         pipe.unet.zero_grad(set_to_none=True)
-        for step in steps:
-            for start in range(0, len(prompts), s.batch_size):
-                idx = slice(start, start + s.batch_size)
-                lp = step_log_prob(pipe.unet, pipe.scheduler, traj, step, idx, s.logprob_reduction)
-                (weights[idx, step] * lp).sum().backward()
+        backward_weighted(pipe.unet, pipe.scheduler, traj, weights, s.batch_size, s.logprob_reduction, steps=steps)
         per_range.append({n: p.grad.detach().clone() for n, p in pipe.unet.named_parameters()})
     total = {n: sum(g[n] for g in per_range) for n in per_range[0]}
     return total, per_range, float(rewards.mean())

@@ -83,9 +83,9 @@ def main() -> None:
         "reward": [{"name": "jpeg_compressibility"}],
         "prdp": {"epochs": args.epochs, "updates_per_epoch": args.updates, "prompts_per_epoch": n_prompts,
                  "images_per_prompt": args.images, "beta": 1e-3, "clip_eps": 1e-3},
-        "train": {"trainable": args.trainable, "mixed_precision": "bf16" if full else "no", "batch_size": batch,
+        "train": {"trainable": args.trainable, "mixed_precision": "bf16" if full else "no", "chunk_size": batch,
                   "gradient_checkpointing": args.gradient_checkpointing, "optim": {"lr": 1e-5}},
-        "checkpoint": {"every_epochs": 0},
+        "checkpoint": {"every": 0},
         "eval": {"enabled": False},
         "logging": {"trackers": []},
     }
@@ -103,8 +103,7 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
 
     floor_cfg = config_from_dict(dict(data, output_dir=tempfile.mkdtemp(prefix="bench-floor-")), PRDPConfig)
-    run = TrainingRun(floor_cfg, floor_cfg.model, floor_cfg.train, floor_cfg.checkpoint, floor_cfg.logging, floor_cfg.eval,
-                      floor_cfg.sample, need_reference=False)
+    run = TrainingRun(floor_cfg, need_reference=False)
     t_fwd, t_fwd_bwd = unet_floor(run, batch, reps=5)
     calls = -(-nb // batch) * steps  # U-Net calls (each a CFG pair) to touch every transition once
     floors = {

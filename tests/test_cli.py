@@ -136,4 +136,4 @@ def test_quickstart_end_to_end(tmp_path):
     page = (out / "gallery.html").read_text()
     assert page.count('class="verdict"') == 128  # every image, before and after
     assert (out / "reward_curve.png").is_file()
-    assert (out / "checkpoints" / "checkpoint-19" / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "checkpoints" / "checkpoint-20" / "pytorch_lora_weights.safetensors").is_file()

@@ -1,4 +1,4 @@
-"""RPO (specs/rpo_lambda_harmonic.md §4–§7, §11 items 4–8): pure losses, model pieces, tiny runs, resume, bad input."""
+"""RPO (docs/algorithms/rpo_lambda_harmonic.md §4–§7, §11 items 4–8): pure losses, model pieces, tiny runs, resume, bad input."""
 
 from __future__ import annotations
 
@@ -243,7 +243,7 @@ def test_tiny_run_learns_the_subject_and_selects_the_best_checkpoint(learned_run
     # the U-Net learned the subject. (Against the photos themselves a random-weight VAE caps it; see docs/rpo.md.)
     assert after["val_vae_image_similarity"] > before["val_vae_image_similarity"] + 0.002
     assert all(r["val_vae_image_similarity"] > before["val_vae_image_similarity"] for r in val[1:])
-    # Spec §11.8 end to end: best_step is the argmax of val_lambda_harmonic over the periodic validations.
+    # rpo_lambda_harmonic.md §11.8 end to end: best_step is the argmax of val_lambda_harmonic over the periodic validations.
     history = [(r["step"], r["val_lambda_harmonic"]) for r in val[1:]]
     best_step = max(history, key=lambda h: (h[1], -h[0]))[0]
     assert result["best_step"] == best_step
@@ -283,7 +283,7 @@ def test_checkpoint_resume_matches_an_uninterrupted_run(tmp_path, refs_dir):
     res_full = train(full)
     part = _tiny(tmp_path, "part", refs_dir, "rpo.max_train_steps=2", *common)
     train(part)
-    assert (tmp_path / "part" / "checkpoints" / "checkpoint-1" / "trainer_state.json").is_file()
+    assert (tmp_path / "part" / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file()
     resumed = _tiny(tmp_path, "part", refs_dir, "rpo.max_train_steps=4", "checkpoint.resume_from=latest", *common)
     res_resumed = train(resumed)
     a, b = _rows(tmp_path / "full"), _rows(tmp_path / "part")

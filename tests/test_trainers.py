@@ -1,4 +1,4 @@
-"""PRDP and DDPO end to end on tiny:sd: metrics, checkpoints, resume, LoRA reload, bad input, spec §9.10."""
+"""PRDP and DDPO end to end on tiny:sd: metrics, checkpoints, resume, LoRA reload, bad input, docs/algorithms/prdp.md §9.10."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ TINY_PRDP = {
     "prompts": {"path": "animals"},
     "reward": [{"name": "jpeg_compressibility"}],
     "prdp": {"epochs": 2, "updates_per_epoch": 2, "prompts_per_epoch": 2, "images_per_prompt": 3, "beta": 1e-3, "clip_eps": 1e-2},
-    "train": {"trainable": "lora", "lora": {"rank": 4}, "optim": {"lr": 1e-2}, "batch_size": 16},
-    "checkpoint": {"every_epochs": 1},
+    "train": {"trainable": "lora", "lora": {"rank": 4}, "optim": {"lr": 1e-2}, "chunk_size": 16},
+    "checkpoint": {"every": 1},
     "eval": {"prompts": {"path": "animals", "limit": 2}, "images_per_prompt": 1},
     "logging": {"trackers": []},
 }
@@ -59,8 +59,8 @@ def test_prdp_end_to_end_outputs(tmp_path):
     for r in rows:
         assert r["num_samples"] == 6 and r["reward_nonfinite"] == 0
         assert all(k in r for k in ("loss", "loss_first", "grad_norm", "time_sampling", "time_reward", "time_reference", "time_training"))
-        assert r["frac_clipped_branch_first"] == 0.0  # u = v at the first update of every epoch (spec §9.6)
-    assert (out / "checkpoints" / "checkpoint-1" / "pytorch_lora_weights.safetensors").is_file()
+        assert r["frac_clipped_branch_first"] == 0.0  # u = v at the first update of every epoch (prdp.md §9.6)
+    assert (out / "checkpoints" / "checkpoint-2" / "pytorch_lora_weights.safetensors").is_file()
     assert (out / "config.yaml").is_file() and (out / "reward_curve.png").is_file()
     assert (out / "eval" / "before" / "summary.json").is_file() and (out / "eval" / "final" / "summary.json").is_file()
     html = (out / "gallery.html").read_text()
@@ -75,7 +75,7 @@ def test_spec9_10_logprob_plumbing_at_initialisation(tmp_path):
 
     for trainable in ("lora", "full"):
         config, _ = _config(tmp_path, [f"train.trainable={trainable}"], name=f"plumb-{trainable}")
-        run = TrainingRun(config, config.model, config.train, config.checkpoint, config.logging, config.eval, config.sample, need_reference=True)
+        run = TrainingRun(config, need_reference=True)
         traj = sample_trajectories(run.pipe, ["a cat", "a dog"], num_steps=4, seeds=[1, 2], unet=run.policy)
         policy_lp = run.log_probs(traj)
         with run.reference() as ref:
@@ -117,15 +117,15 @@ def test_resume_gives_identical_weights_and_metrics(tmp_path):
     """Train 4 epochs; versus train 2, stop, resume from the latest checkpoint, train 2 more."""
     from safetensors.torch import load_file
 
-    common = ["prdp.epochs=4", "eval.enabled=false", "checkpoint.every_epochs=2"]
+    common = ["prdp.epochs=4", "eval.enabled=false", "checkpoint.every=2"]
     config, train = _config(tmp_path, common, name="straight")
     train(config)
-    config, train = _config(tmp_path, ["prdp.epochs=2", "eval.enabled=false", "checkpoint.every_epochs=2"], name="split")
+    config, train = _config(tmp_path, ["prdp.epochs=2", "eval.enabled=false", "checkpoint.every=2"], name="split")
     train(config)
     config, train = _config(tmp_path, common + ["checkpoint.resume_from=latest"], name="split")
     train(config)
-    a = load_file(tmp_path / "straight" / "checkpoints" / "checkpoint-3" / "pytorch_lora_weights.safetensors")
-    b = load_file(tmp_path / "split" / "checkpoints" / "checkpoint-3" / "pytorch_lora_weights.safetensors")
+    a = load_file(tmp_path / "straight" / "checkpoints" / "checkpoint-4" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "split" / "checkpoints" / "checkpoint-4" / "pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     keys = ("epoch", "reward_mean", "reward_std", "reward_mean_window_std", "loss", "loss_first", "grad_norm", "num_pairs")
@@ -151,7 +151,7 @@ def test_saved_lora_reloads_as_the_finetuned_model(tmp_path):
         return sample_trajectories(pipe, prompts, num_steps=4, guidance_scale=5.0, eta=1.0, seeds=seeds).images
 
     base = images(load_pipeline("tiny:sd", device="cpu"))
-    reloaded = images(load_pipeline("tiny:sd", device="cpu", lora=str(out / "checkpoints" / "checkpoint-1")))
+    reloaded = images(load_pipeline("tiny:sd", device="cpu", lora=str(out / "checkpoints" / "checkpoint-2")))
     assert (reloaded - finetuned).abs().max().item() <= 1.5 / 255  # PNG rounding only
     assert (base - finetuned).abs().max().item() > 5 / 255
 
@@ -162,9 +162,9 @@ TINY_DDPO = {
     "sample": {"num_steps": 4, "guidance_scale": 5.0, "eta": 1.0, "batch_size": 8},
     "prompts": {"path": "animals", "limit": 3},
     "reward": [{"name": "jpeg_compressibility"}],
-    "ddpo": {"epochs": 2, "samples_per_epoch": 8, "gradient_accumulation_steps": 1, "tracker_buffer_size": 4, "tracker_min_count": 2},
-    "train": {"trainable": "lora", "optim": {"lr": 1e-2}, "batch_size": 4},
-    "checkpoint": {"every_epochs": 1},
+    "ddpo": {"epochs": 2, "samples_per_epoch": 8, "minibatch_size": 4, "gradient_accumulation_steps": 1, "tracker_buffer_size": 4, "tracker_min_count": 2},
+    "train": {"trainable": "lora", "optim": {"lr": 1e-2}},
+    "checkpoint": {"every": 1},
     "eval": {"enabled": False},
     "logging": {"trackers": []},
 }
@@ -180,7 +180,8 @@ def test_ddpo_end_to_end_ratio_one_on_policy(tmp_path):
         assert 0.0 <= r["clipfrac"] <= 1.0 and r["approx_kl"] >= 0.0
         assert r["tracked_prompts"] <= 3
     assert rows[-1]["clipfrac"] > 0.0  # later slots move past the tiny clip range
-    assert (tmp_path / "run" / "checkpoints" / "checkpoint-1" / "custom_checkpoint_0.pkl").is_file()  # tracker state
+    state = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["objects"]["tracker"]  # the per-prompt tracker travels with the checkpoint, as JSON
 
 
 def _launch(tmp_path: Path, num_processes: int, name: str, extra=()) -> tuple[int, str, Path]:
@@ -212,30 +213,30 @@ def test_accelerate_launch_replicas_identical_and_save_does_not_hang(tmp_path, n
     assert rc == 0, output[-4000:]
     replicas = json.loads((out / "replicas.json").read_text())
     assert len(replicas["digests"]) == num_processes and replicas["identical"] is True
-    assert (out / "checkpoints" / "checkpoint-0" / "pytorch_lora_weights.safetensors").is_file()
     assert (out / "checkpoints" / "checkpoint-1" / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "checkpoints" / "checkpoint-2" / "pytorch_lora_weights.safetensors").is_file()
     rows = _metrics(out)
     assert [r["num_samples"] for r in rows] == [6, 6]  # 2 prompts × 3 images, gathered over all processes
 
 
 def test_stateful_reward_state_is_checkpointed(tmp_path):
-    """A shaping reward's running statistics travel with the checkpoint (accelerate custom state)."""
+    """A shaping reward's running statistics travel with the checkpoint (JSON in trainer_state.json)."""
     config, train = _config(
         tmp_path,
         ["reward.0.name=meanstd", "reward.0.options={reward: {name: jpeg_compressibility}}", "eval.enabled=false", "prdp.epochs=1"],
     )
     train(config)
-    state = torch.load(tmp_path / "run" / "checkpoints" / "checkpoint-0" / "custom_checkpoint_0.pkl", weights_only=False)
+    state = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint-1" / "trainer_state.json").read_text())["objects"]["reward"]
     assert state["stats"] and all(v[0] == 3 for v in state["stats"].values())  # 3 images per prompt seen
 
 
 def test_reward_variance_monitor_keys(tmp_path):
-    """Spec (rewarddance.md §5, §8 item 8): within-prompt std and the sliding-window std of the epoch mean."""
+    """docs/algorithms/rewarddance.md §5, §8 item 8: within-prompt std and the sliding-window std of the epoch mean."""
     from types import SimpleNamespace
 
-    from trainers.prdp import REWARD_WINDOW, epoch_record
+    from trainers.diagnostics import REWARD_WINDOW, epoch_record
 
-    config, train = _config(tmp_path, ["prdp.epochs=2", "prdp.updates_per_epoch=1", "eval.enabled=false", "checkpoint.every_epochs=0"])
+    config, train = _config(tmp_path, ["prdp.epochs=2", "prdp.updates_per_epoch=1", "eval.enabled=false", "checkpoint.every=0"])
     train(config)
     rows = _metrics(tmp_path / "run")
     means = torch.tensor([r["reward_mean"] for r in rows], dtype=torch.float64)

@@ -11,7 +11,7 @@ Both go through :func:`genreward.sampling.step_log_prob`, the one implementation
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -37,13 +37,15 @@ def recompute_log_probs(model: torch.nn.Module, scheduler: Any, traj: Trajectory
 
 
 def backward_weighted(model: torch.nn.Module, scheduler: Any, traj: Trajectory, weights: torch.Tensor, chunk_size: int,
-                      reduction: str = "mean", accelerator: Any = None) -> None:
+                      reduction: str = "mean", accelerator: Any = None, steps: Sequence[int] | None = None) -> None:
     """Accumulate ∇ Σ_{i,t} weights[i,t]·log π_model(i,t) into the trainable parameters' ``.grad``.
 
     With an accelerator, each chunk runs under its autocast and gradients are all-reduced across processes once,
-    at the last chunk (``no_sync`` before it). Without one, plain ``loss.backward()``.
+    at the last chunk (``no_sync`` before it). Without one, plain ``loss.backward()``. ``steps`` restricts the sum
+    to those denoising steps (e.g. to split a gradient by timestep range).
     """
-    jobs = [(step, idx) for step in range(traj.num_steps) for idx in chunks(len(traj), chunk_size)]
+    steps = range(traj.num_steps) if steps is None else steps
+    jobs = [(step, idx) for step in steps for idx in chunks(len(traj), chunk_size)]
     for n, (step, idx) in enumerate(jobs):
         last = n == len(jobs) - 1
         if accelerator is None:
