@@ -5,7 +5,7 @@ shares are comparable. Default: tiny models on CPU (tiny:sd + tiny:qwen2-vl, 32 
 SD-2.1-base architecture (865M U-Net, 512 px latents, OpenCLIP-H-sized text encoder) with random weights
 plus the ``random:qwen2.5-vl-3b`` judge in bf16 — for a GPU.
 
-    PYTHONPATH=. python bench/sds3d_step.py [--steps 10] [--warmup 2] [--full-size]
+    python bench/sds3d_step.py [--steps 10] [--warmup 2] [--full-size]
 """
 
 from __future__ import annotations
@@ -17,10 +17,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from genreward.config import load_config  # noqa: E402
-from trainers.sds3d import SDS3DConfig, SDS3DSystem  # noqa: E402
+from genreward.config import load_config
+from trainers.sds3d import SDS3DConfig, SDS3DSystem
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "sds3d_tiny.yaml"
 

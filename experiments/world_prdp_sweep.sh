@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Seven PRDP + world-judge runs side by side, 2 CPU threads each (like the 2-core development machine), for a
 # machine with >= 14 free cores; each is stopped after RUN_TIMEOUT_S and evaluated on the held-out captions along
-# the way. The table "Sweep" in docs/world.md came from `bash bench/world_prdp_sweep.sh OUTDIR 465`.
-# usage: bash bench/world_prdp_sweep.sh OUTDIR [RUN_TIMEOUT_S=480] [EPOCH_SCALE=1]   (ONLY=regex picks runs; THREADS=n)
+# the way. The table "Sweep" in docs/world.md came from `bash experiments/world_prdp_sweep.sh OUTDIR 465`.
+# usage: bash experiments/world_prdp_sweep.sh OUTDIR [RUN_TIMEOUT_S=480] [EPOCH_SCALE=1]   (ONLY=regex picks runs; THREADS=n)
 # Prints, per run: epochs done, seconds per epoch, and (verifier pass, judge) at every held-out evaluation.
 OUTDIR=${1:-/tmp/sweep}; TMO=${2:-480}; SCALE=${3:-1}
 mkdir -p "$OUTDIR" /tmp/runs

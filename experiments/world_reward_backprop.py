@@ -8,24 +8,20 @@ This script runs that loop (LoRA on the U-Net's attention, as PRDP's shipped con
 and evaluates the held-out verifier pass rate before and after on fixed seeds — the same measurement as
 docs/world.md's PRDP table. It is an experiment for comparison, not a genreward trainer.
 
-    PYTHONPATH=. python bench/world_reward_backprop.py --minutes 15 [--lr 1e-3] [--backprop-steps 1]
+    python experiments/world_reward_backprop.py --minutes 15 [--lr 1e-3] [--backprop-steps 1]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from genreward.models.pipeline import load_pipeline  # noqa: E402
-from genreward.prompts import load_prompt_set, select_prompts  # noqa: E402
-from genreward.rewards.base import build  # noqa: E402
-from genreward.sampling import (  # noqa: E402
+from genreward.models.pipeline import load_pipeline
+from genreward.prompts import load_prompt_set, select_prompts
+from genreward.rewards.base import build
+from genreward.sampling import (
     ddim_mean_std,
     decode_latents,
     encode_prompts,

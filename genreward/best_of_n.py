@@ -1,4 +1,4 @@
-"""Best-of-N reference images (RewardDance §3.3.1, specs/rewarddance.md §5).
+"""Best-of-N reference images (RewardDance §3.3.1, docs/algorithms/rewarddance.md §5).
 
 The pairwise RewardDance judge compares a generated image against a reference x_ref of the same prompt;
 the paper picks x_ref per prompt as the best of N samples of the SFT model ("Best-of-16 Top-2" is its best

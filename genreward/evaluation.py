@@ -7,12 +7,13 @@ Output layout (what ``genreward gallery`` reads):
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -40,12 +41,14 @@ def score_images(rewards: Sequence[Reward], images: torch.Tensor, prompts: list[
                  verdicts: dict[str, list[str]] | None = None) -> dict[str, torch.Tensor]:
     """All rewards on one batch → {reward name: scores [B] on CPU}. Non-finite scores are kept as NaN.
 
-    Rewards that explain themselves (``RewardOutput.verdicts``) add their per-image texts to ``verdicts``.
+    Every reward is called with ``update_stats=False``: scoring held-out images must not move a stateful
+    reward's running statistics (e.g. ``meanstd``), which may be the training reward itself. Rewards that
+    explain themselves (``RewardOutput.verdicts``) add their per-image texts to ``verdicts``.
     """
     scores = {}
     for reward in rewards:
         with torch.no_grad():
-            out = reward(images, prompts, metadata=metadata)
+            out = reward(images, prompts, metadata=metadata, update_stats=False)
         scores[reward.name] = out.scores.detach().float().cpu()
         if verdicts is not None and out.verdicts is not None:
             verdicts[reward.name] = list(out.verdicts)
@@ -64,13 +67,39 @@ def evaluate(
     unet=None,
     progress: bool = True,
 ) -> EvalResult:
-    """Sample ``images_per_prompt`` images for every prompt, score, and write the run folder."""
+    """Sample ``images_per_prompt`` images for every prompt, score, and write the run folder.
+
+    Rewards leave with the state they came in with: they are called with ``update_stats=False`` and, as a
+    guard for stateful rewards that ignore that key (or keep caches, like ``par``'s reference rewards),
+    the ``state_dict()`` of every reward that has one is snapshotted first and restored afterwards. The
+    training reward may be passed here, and evaluation runs on the main process only, so any state change
+    would leak held-out prompts into training and make the ranks' reward states differ.
+    """
     if not items:
         raise GenrewardError("evaluation needs at least one prompt")
     names = [r.name for r in rewards]
     if len(set(names)) != len(names):
         raise GenrewardError(f"two rewards share a name in {names}; give one a 'label'")
-    out = Path(output_dir)
+    snapshots = [_snapshot_state(r) for r in rewards]
+    try:
+        return _evaluate(pipe, items, rewards, names, Path(output_dir), sample, images_per_prompt, seed, eta, unet, progress)
+    finally:
+        for reward, state in zip(rewards, snapshots):
+            if state is not None:
+                reward.load_state_dict(state)
+
+
+def _snapshot_state(reward: Reward) -> dict[str, Any] | None:
+    """A deep copy of a stateful reward's ``state_dict()`` (None for stateless ones and torch modules, whose
+    state is their frozen weights)."""
+    get, load = getattr(reward, "state_dict", None), getattr(reward, "load_state_dict", None)
+    if not callable(get) or not callable(load) or isinstance(reward, torch.nn.Module):
+        return None
+    return copy.deepcopy(get())
+
+
+def _evaluate(pipe, items: Sequence[PromptItem], rewards: Sequence[Reward], names: list[str], out: Path,
+              sample: SampleConfig, images_per_prompt: int, seed: int, eta: float | None, unet, progress: bool) -> EvalResult:
     (out / "images").mkdir(parents=True, exist_ok=True)
     jobs = [(i, j) for i in range(len(items)) for j in range(images_per_prompt)]
     records: list[dict] = []

@@ -158,6 +158,12 @@ def write_gallery(
     "before" and ``run_dir`` "after": prompts are matched by text, each row shows both sets of
     images and the per-reward mean difference (after − before), and the page goes to
     ``RUN_DIR/compare.html``. ``out_path`` overrides the location; image links are relative to it.
+
+    In compare mode the images of a prompt are paired **by seed** (by ``sample_index`` for records
+    without one): each line of the row holds the before and the after image of one seed side by side,
+    so like is compared with like; an image whose seed exists on one side only gets an empty cell on
+    the other. When the two sides of a prompt share no seed at all (e.g. reference photos against
+    samples), nothing can be paired and the row shows the two sets as two strips instead.
     """
     run_dir = Path(run_dir)
     after = load_metrics(run_dir)
@@ -204,10 +210,7 @@ def write_gallery(
             f"{_metadata_html(row.metadata)}</td>"
         )
         if compare:
-            cells = [
-                _images_cell(row.before, before_abs, html_dir, rewards, "not in the before run"),
-                _images_cell(row.after, run_abs, html_dir, rewards, "not in the after run"),
-            ]
+            cells = [_compare_cell(row.before, row.after, before_abs, run_abs, html_dir, rewards)]
             stat_lines = [
                 f"<tr><th>{html.escape(n)}</th><td>{_fmt(b)}</td><td>{_fmt(a)}</td><td>{_fmt(d, signed=True)}</td></tr>"
                 for n, b, a, d in zip(rewards, means["before"], means["after"], deltas)
@@ -233,7 +236,7 @@ def write_gallery(
     )
     data = {"rewards": rewards, "compare": compare, "keys": keys, "rows": data_rows}
     header_cells = (
-        "<th>prompt</th><th>before</th><th>after</th><th>mean per reward</th>"
+        "<th>prompt</th><th>before | after (paired by seed)</th><th>mean per reward</th>"
         if compare
         else "<th>prompt</th><th>images</th><th>mean per reward</th>"
     )
@@ -262,6 +265,70 @@ def _images_cell(records: list[dict], run_dir: Path, html_dir: Path, rewards: li
     return f'<td class="images"><div class="strip">{figures}</div></td>'
 
 
+def _pair_key(rec: dict) -> tuple[str, str] | None:
+    """What makes a before and an after image comparable: the seed, else the sample index, else nothing."""
+    for field_name in ("seed", "sample_index"):
+        value = rec.get(field_name)
+        if value is not None and not isinstance(value, bool):
+            return field_name, str(value)
+    return None
+
+
+def _keyed(records: list[dict]) -> dict[tuple, dict]:
+    """``{key: record}`` in the records' order; repeated keys get an occurrence number, unkeyed records a unique one."""
+    out: dict[tuple, dict] = {}
+    seen: dict[tuple | None, int] = {}
+    for n, rec in enumerate(records):
+        base = _pair_key(rec)
+        count = seen.get(base, 0)
+        seen[base] = count + 1
+        out[(base, count) if base is not None else (None, n)] = rec
+    return out
+
+
+def _pairs(before: list[dict], after: list[dict]) -> list[tuple[dict | None, dict | None]] | None:
+    """(before, after) records of one prompt aligned by seed, in sample order; None when no key is shared."""
+    b, a = _keyed(before), _keyed(after)
+    if not before or not after or not any(k[0] is not None and k in b for k in a):
+        return None
+    keys = list(a) + [k for k in b if k not in a]
+    first = {k: i for i, k in enumerate(keys)}
+
+    def order(key: tuple) -> tuple:
+        present = [rec for rec in (b.get(key), a.get(key)) if rec is not None]
+        return (min(_sample_order(rec) for rec in present), first[key])
+
+    return [(b.get(k), a.get(k)) for k in sorted(keys, key=order)]
+
+
+def _compare_cell(before: list[dict], after: list[dict], before_dir: Path, after_dir: Path, html_dir: Path,
+                  rewards: list[str]) -> str:
+    """One cell per prompt: a line per seed, before | after (or the two strips when nothing pairs)."""
+    pairs = _pairs(before, after)
+    head = "<thead><tr><th>before</th><th>after</th></tr></thead>"
+    if pairs is None:
+        note = ""
+        if before and after:
+            note = '<p class="note">no seed in common: the images below are not paired</p>'
+        strips = (
+            _images_cell(before, before_dir, html_dir, rewards, "not in the before run")
+            + _images_cell(after, after_dir, html_dir, rewards, "not in the after run")
+        )
+        return f'<td class="compare">{note}<table class="pairs unpaired">{head}<tbody><tr>{strips}</tr></tbody></table></td>'
+    lines = []
+    for b, a in pairs:
+        rec = a if a is not None else b
+        seed = html.escape(str(rec.get("seed", rec.get("sample_index", ""))))
+        sides = []
+        for side, r, run_dir in (("before", b, before_dir), ("after", a, after_dir)):
+            if r is None:
+                sides.append(f'<td class="{side} empty">not in the {side} run</td>')
+            else:
+                sides.append(f'<td class="{side}">{_figure(r, run_dir, html_dir, rewards)}</td>')
+        lines.append(f'<tr class="pair" data-seed="{seed}">{"".join(sides)}</tr>')
+    return f'<td class="compare"><table class="pairs">{head}<tbody>{"".join(lines)}</tbody></table></td>'
+
+
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1rem; color: #222; }
 header p { margin: .2rem 0; color: #555; }
@@ -276,6 +343,12 @@ dl.meta { font-size: .8rem; color: #555; margin: 0; }
 dl.meta dt { font-weight: 600; } dl.meta dd { margin: 0 0 .2rem .6rem; }
 div.strip { display: flex; flex-wrap: wrap; gap: .5rem; }
 td.images.empty { color: #999; font-style: italic; }
+table.pairs { border-collapse: collapse; }
+table.pairs > thead th { font-size: .75rem; color: #555; text-align: left; padding: 0 .4rem; }
+table.pairs > tbody > tr > td { vertical-align: top; padding: .2rem .4rem; min-width: 192px; }
+table.pairs > tbody > tr.pair + tr.pair > td { border-top: 1px dashed #ddd; }
+td.before.empty, td.after.empty { color: #999; font-style: italic; font-size: .8rem; }
+p.note { font-size: .75rem; color: #a60; margin: 0 0 .3rem; }
 figure { margin: 0; font-size: .75rem; }
 figure img { display: block; width: 192px; height: auto; image-rendering: auto; }
 .verdict { color: #333; font-style: italic; }

@@ -9,8 +9,9 @@ given U-Net (the trainers' hot path).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Iterator, Literal, Sequence
 
 import torch
 
@@ -163,8 +164,10 @@ def ddim_step_with_logprob(
     """One stochastic DDIM step and log π(x_{t'} | x_t) (spec §3).
 
     Sampling mode (``prev_sample`` None): x_{t'} = μ_θ + σ_t·z with z from ``variance_noise`` or the
-    generator(s) (one generator per sample keeps each sample independent of its batch). Evaluation mode:
-    the log-prob of the given ``prev_sample``. η must be > 0 (σ_t = 0 has no density).
+    generator(s) (one generator per sample keeps each sample independent of its batch), rounded to
+    ``sample.dtype`` first, so the returned log-prob is that of the returned (stored) x_{t'} and
+    re-evaluating it with ``prev_sample=`` gives the same value bit for bit. Evaluation mode: the log-prob
+    of the given ``prev_sample``. The density arithmetic is fp32 in both. η must be > 0 (σ_t = 0 has no density).
     """
     if not eta > 0:
         raise GenrewardError(f"DDIM log-probabilities need eta > 0 (got eta={eta}); eta=0 is deterministic and has no density")
@@ -172,8 +175,10 @@ def ddim_step_with_logprob(
     if prev_sample is None:
         if variance_noise is None:
             variance_noise = randn_like_per_sample(mean, generator)
-        prev_sample = mean + std * variance_noise.float()
-    log_prob = gaussian_log_prob(prev_sample, mean, std, reduction)
+        # Round to the stored dtype *before* the density: the recorded log-prob must belong to the latent
+        # the trajectory keeps (fp16/bf16 rounding of x_{t'} otherwise shifts the recomputed ratio).
+        prev_sample = (mean + std * variance_noise.float()).to(sample.dtype)
+    log_prob = gaussian_log_prob(prev_sample, mean, std, reduction)  # fp32 arithmetic at the stored value
     return prev_sample.to(sample.dtype), log_prob
 
 
@@ -255,7 +260,8 @@ def sample_trajectories(
 
     ``seeds`` (one per prompt) drive the initial latents and the step noise; ``latents`` overrides x_T.
     ``eta = 0`` gives deterministic DDIM (images only, ``log_probs`` None). ``unet`` overrides the
-    pipeline's U-Net (e.g. a training copy); the rest of the pipeline is used as is.
+    pipeline's U-Net (e.g. a training copy); the rest of the pipeline is used as is. The U-Net runs in
+    eval mode (no dropout) and gets its previous train/eval flags back afterwards.
     """
     prompts = list(prompts)
     if not prompts:
@@ -267,31 +273,50 @@ def sample_trajectories(
     if len(seeds) != len(prompts):
         raise GenrewardError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
     batch_size = batch_size or len(prompts)
+    unet = unet or pipe.unet
     parts = []
     chunks = range(0, len(prompts), batch_size)
     if progress:
         from tqdm.auto import tqdm
 
         chunks = tqdm(chunks, desc="sampling", unit="batch", leave=False)
-    for start in chunks:
-        stop = start + batch_size
-        parts.append(
-            _sample_batch(
-                pipe,
-                prompts[start:stop],
-                num_steps,
-                guidance_scale,
-                eta,
-                negative_prompt if isinstance(negative_prompt, str) else list(negative_prompt)[start:stop],
-                list(seeds[start:stop]),
-                None if latents is None else latents[start:stop],
-                height,
-                width,
-                reduction,
-                unet or pipe.unet,
+    with eval_mode(unet):
+        for start in chunks:
+            stop = start + batch_size
+            parts.append(
+                _sample_batch(
+                    pipe,
+                    prompts[start:stop],
+                    num_steps,
+                    guidance_scale,
+                    eta,
+                    negative_prompt if isinstance(negative_prompt, str) else list(negative_prompt)[start:stop],
+                    list(seeds[start:stop]),
+                    None if latents is None else latents[start:stop],
+                    height,
+                    width,
+                    reduction,
+                    unet,
+                )
             )
-        )
     return parts[0] if len(parts) == 1 else Trajectory.cat(parts)
+
+
+@contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """Run ``module`` in eval mode, then restore every submodule's own train/eval flag.
+
+    Sampling must be deterministic given the seeds: in train mode dropout (e.g. LoRA dropout) draws a fresh
+    mask on every forward, so the recorded log-probs would not be reproducible by a later recompute.
+    Flags are restored per submodule (not ``train(was_training)``), so a mixed-mode model comes back as it was.
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _sample_batch(pipe, prompts, num_steps, guidance_scale, eta, negative_prompt, seeds, latents, height, width, reduction, unet):
@@ -344,6 +369,8 @@ def step_log_prob(
     ``step`` is one step index for the whole sub-batch, or a LongTensor with one step per selected sample
     (DDPO shuffles the time order of each sample). Gradients flow through the U-Net's prediction only (the
     stored next latent is data). ``index`` picks a sub-batch. The scheduler is set to the trajectory's steps.
+    The U-Net is used in whatever mode it is in (this is also the loss's forward): callers that need ratio 1
+    against the recorded log-probs put it in eval mode, as :func:`sample_trajectories` does.
     """
     idx = slice(None) if index is None else index
     if scheduler.num_inference_steps != trajectory.num_steps:

@@ -33,17 +33,25 @@ def fresh_generator():
     return torch.Generator().manual_seed(0)
 
 
-@pytest.fixture
-def load_bench():
-    """Import a script from ``bench/`` by name (the folder is not a package), e.g. ``load_bench("prdp_gradient_snr")``."""
+def _load_script(folder: str, name: str):
+    """Import ``<repo>/<folder>/<name>.py`` as a module (``bench/`` and ``experiments/`` are not packages)."""
     import importlib.util
     from pathlib import Path
 
-    def load(name: str):
-        path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+    path = Path(__file__).resolve().parents[1] / folder / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    return load
+
+@pytest.fixture
+def load_bench():
+    """Import a script from ``bench/`` by name, e.g. ``load_bench("prdp_gradient_snr")``."""
+    return lambda name: _load_script("bench", name)
+
+
+@pytest.fixture
+def load_experiment():
+    """Import a script from ``experiments/`` by name, e.g. ``load_experiment("world_reward_backprop")``."""
+    return lambda name: _load_script("experiments", name)

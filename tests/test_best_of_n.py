@@ -1,4 +1,4 @@
-"""Best-of-N references (specs/rewarddance.md §5, §8 item 7) on tiny:sd and the tiny Qwen2-VL judge, offline."""
+"""Best-of-N references (docs/algorithms/rewarddance.md §5, §8 item 7) on tiny:sd and the tiny Qwen2-VL judge, offline."""
 
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ def test_best_of_n_pairwise_wins_match_judge_probabilities(tmp_path, tiny_pipe):
 
 
 def test_rank_by_pairwise_wins_transitive_mock_returns_true_best():
-    """Spec §8 item 7: a transitive comparator P(j ≻ i) = σ(q_j − q_i) recovers the true best and top-2."""
+    """rewarddance.md §8 item 7: a transitive comparator P(j ≻ i) = σ(q_j − q_i) recovers the true best and top-2."""
     q = torch.tensor([0.3, 2.0, -1.0, 1.5, 0.0, 0.9])
     probs = torch.sigmoid(q[None, :] - q[:, None])
     order, wins, _ = rank_by_pairwise_wins(probs)

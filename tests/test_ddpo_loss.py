@@ -1,4 +1,4 @@
-"""DDPO loss pieces: specs/ddpo_logprob.md §8 items 6 (per-prompt tracker) and 7 (PPO surrogate)."""
+"""DDPO loss pieces: docs/algorithms/ddpo.md §8 items 6 (per-prompt tracker) and 7 (PPO surrogate)."""
 
 from __future__ import annotations
 

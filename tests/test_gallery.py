@@ -158,6 +158,89 @@ def test_gallery_compare_mode(run, before):
     assert f"{a - b:+.4g}" in text
 
 
+class _Pairs(HTMLParser):
+    """Per ``tr.pair`` of the compare page: its ``data-seed`` and, for each side, the image file and caption (or None)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[dict] = []
+        self.side: str | None = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        classes = (attrs.get("class") or "").split()
+        if tag == "tr" and "pair" in classes:
+            self.rows.append({"seed": attrs.get("data-seed"), "before": None, "after": None, "text": {"before": "", "after": ""}})
+        elif tag == "td" and self.rows and ("before" in classes or "after" in classes):
+            self.side = "before" if "before" in classes else "after"
+        elif tag == "img" and self.rows and self.side:
+            self.rows[-1][self.side] = Path(unquote(attrs["src"])).name
+
+    def handle_endtag(self, tag):
+        if tag == "td":
+            self.side = None
+
+    def handle_data(self, data):
+        if self.rows and self.side:
+            self.rows[-1]["text"][self.side] += data
+
+
+def _write_run(run_dir: Path, samples: dict[int, list[int]]) -> None:
+    """A run whose image of (prompt p, sample s) is images/pPPPP_sSS.png with seed 1000 + 10p + s (as ``genreward eval``)."""
+    g = torch.Generator().manual_seed(len(str(run_dir)))
+    with (run_dir.mkdir(parents=True) or run_dir / "metrics.jsonl").open("w", encoding="utf-8") as fh:
+        for p, sample_ids in samples.items():
+            for s in sample_ids:
+                name = f"images/p{p:04d}_s{s:02d}.png"
+                save_png(torch.rand(3, 8, 8, generator=g), run_dir / name)
+                rec = {"prompt_index": p, "prompt": PROMPTS[p], "sample_index": s, "seed": 1000 + 10 * p + s,
+                       "image": name, "rewards": {"clip_score": 0.1 * s + p}}
+                fh.write(json.dumps(rec) + "\n")
+
+
+def test_gallery_compare_pairs_images_by_prompt_and_seed(tmp_path: Path):
+    """Each line of a compare row holds the before and after image of the same prompt and seed; one-sided seeds
+    leave an empty cell. (The old layout put the two sides in separately wrapping strips, with no such pairing.)"""
+    # after: 3 samples of prompts 0–1 but sample 0 of prompt 1 missing; before: 2 samples each, listed out of order
+    _write_run(tmp_path / "after", {0: [2, 0, 1], 1: [1, 2]})
+    _write_run(tmp_path / "before", {1: [1, 0], 0: [1, 0]})
+    page = write_gallery(tmp_path / "after", compare_dir=tmp_path / "before")
+    parser = _Pairs()
+    parser.feed(page.read_text(encoding="utf-8"))
+    rows = parser.rows
+    expected = [(0, 0, "both"), (0, 1, "both"), (0, 2, "after"), (1, 0, "before"), (1, 1, "both"), (1, 2, "after")]
+    assert len(rows) == len(expected), rows
+    name = lambda p, s: f"p{p:04d}_s{s:02d}.png"  # noqa: E731
+    for row, (p, s, present) in zip(rows, expected):
+        assert row["seed"] == str(1000 + 10 * p + s)
+        for side in ("before", "after"):
+            if present in ("both", side):
+                assert row[side] == name(p, s), (row, p, s)
+                assert f"seed {1000 + 10 * p + s}" in row["text"][side]
+            else:
+                assert row[side] is None and f"not in the {side} run" in row["text"][side]
+    # every image of both runs appears exactly once, and still resolves
+    _assert_images_resolve(page, expected=5 + 4)
+
+
+def test_gallery_compare_without_common_seeds_keeps_both_strips(tmp_path: Path):
+    """Reference photos vs samples (the DreamBench gallery) share no seed: nothing is paired, both sets are shown whole."""
+    _write_run(tmp_path / "after", {0: [0, 1], 1: [0]})
+    refs = tmp_path / "refs"
+    with (refs.mkdir() or refs / "metrics.jsonl").open("w", encoding="utf-8") as fh:
+        for k in range(3):
+            save_png(torch.rand(3, 8, 8), refs / f"images/r{k:02d}.png")
+            fh.write(json.dumps({"prompt": PROMPTS[0], "image": f"images/r{k:02d}.png", "sample_index": k, "seed": "reference"}) + "\n")
+    page = write_gallery(tmp_path / "after", compare_dir=refs)
+    text = page.read_text(encoding="utf-8")
+    parser = _Pairs()
+    parser.feed(text)
+    assert parser.rows == []
+    assert text.count("no seed in common") == 1  # prompt 0; prompt 1 has no "before" images at all
+    assert "not in the before run" in text
+    _assert_images_resolve(page, expected=3 + 3)
+
+
 def test_missing_run_dir_and_metrics(tmp_path: Path):
     with pytest.raises(GenrewardError, match="run directory not found"):
         write_gallery(tmp_path / "nope")

@@ -1,6 +1,6 @@
-"""PRDP loss: the loss-related items of specs/prdp.md §9 (1–9, 11; item 10 needs a diffusion model).
+"""PRDP loss: the loss-related items of docs/algorithms/prdp.md §9 (1–9, 11; item 10 needs a diffusion model).
 
-Test names carry the spec item (``test_spec9_<item>_...``). Gradient checks run on a toy fp64 "model":
+Test names carry the item of §9 they check (``test_spec9_<item>_...``). Gradient checks run on a toy fp64 "model":
 a linear map θ: features[n, i, t] → Gaussian means, so log π_θ(n, i, t) is a differentiable function of θ,
 π_ref is a frozen copy and π_θold a perturbed copy.
 """
@@ -56,7 +56,7 @@ def one_graph_grad(policy: ToyPolicy, w: torch.Tensor, old: torch.Tensor, reward
 
 
 def two_pass_grad(policy: ToyPolicy, w: torch.Tensor, old: torch.Tensor, rewards, beta, eps, reduction="mean", valid=None, chunk=2):
-    """prdp.md §4.1: no-grad pass 1 → step weights → pass 2 backprop of Σ g·log π_θ in timestep chunks."""
+    """docs/algorithms/prdp.md §4.1: no-grad pass 1 → step weights → pass 2 backprop of Σ g·log π_θ in timestep chunks."""
     w = w.detach().clone().requires_grad_()
     ref = policy.log_prob(policy.w_ref)
     with torch.no_grad():
@@ -74,7 +74,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def loop_loss(logratio, old, rewards, beta, eps, reduction="mean") -> float:
-    """Literal per-pair Python loop of prdp.md §4 (the spec's pseudo-code), for closed-form comparisons."""
+    """Literal per-pair Python loop of docs/algorithms/prdp.md §3–4 (the paper's pseudo-code), for closed-form comparisons."""
     n_prompts, b, t = logratio.shape
     total = 0.0
     for n in range(n_prompts):

@@ -1,4 +1,4 @@
-"""The DDIM log-prob sampler: every item of specs/ddpo_logprob.md §8 (1–5) plus pipeline agreement."""
+"""The DDIM log-prob sampler: every item of docs/algorithms/ddpo.md §8 (1–5) plus pipeline agreement."""
 
 from __future__ import annotations
 
@@ -157,3 +157,103 @@ def test_per_sample_steps_equal_single_step_evaluation(tiny_pipe):
     with torch.no_grad():
         mixed = step_log_prob(tiny_pipe.unet, tiny_pipe.scheduler, traj, steps)
     torch.testing.assert_close(mixed, traj.log_probs[torch.arange(4), steps], atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- mixed precision log-probs
+
+
+@pytest.fixture(scope="module", params=["fp16", "bf16"])
+def low_precision_pipe(request):
+    """The tiny SD pipeline in fp16/bf16 on CPU (both run there with torch ≥ 2.1)."""
+    from genreward.models import load_pipeline
+
+    return request.param, load_pipeline("tiny:sd", device="cpu", dtype=request.param)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("step", [0, 9])
+def test_recorded_log_prob_belongs_to_the_rounded_sample(tiny_pipe, dtype, step):
+    """The sampling-mode log-prob is the density *at the stored (rounded) x_{t'}*: re-evaluating that
+    latent with ``prev_sample=`` gives the recorded value exactly, and the latent has the input's dtype.
+
+    (Before the fix the density was taken at the fp32 value; on these inputs |Δ log p| was up to 1.4e-5 / 1.7e-4
+    in fp16 and 1.3e-4 / 5.1e-3 in bf16 at the first / last of 10 steps.)
+    """
+    t, sample, model_output, z = _step_inputs(tiny_pipe, step=step)
+    sample, model_output = sample.to(dtype), model_output.to(dtype)
+    stored, recorded = ddim_step_with_logprob(tiny_pipe.scheduler, model_output, t, sample, eta=1.0, variance_noise=z)
+    assert stored.dtype == dtype and recorded.dtype == torch.float32
+    _, again = ddim_step_with_logprob(tiny_pipe.scheduler, model_output, t, sample, eta=1.0, prev_sample=stored)
+    assert torch.equal(again, recorded)
+    mean, std, _ = ddim_mean_std(tiny_pipe.scheduler, model_output, t, sample, 1.0)
+    torch.testing.assert_close(recorded, gaussian_log_prob(stored.float(), mean, std), atol=0, rtol=0)
+
+
+def _recompute_all_steps(pipe, traj):
+    with torch.no_grad():
+        return torch.stack([step_log_prob(pipe.unet, pipe.scheduler, traj, k) for k in range(traj.num_steps)], dim=1)
+
+
+def test_fp32_recomputed_importance_ratio_is_exactly_one(tiny_pipe):
+    """fp32 on CPU, same batch and U-Net: measured max |Δ log p| = 0 (ratio exactly 1), before and after the fix."""
+    traj = sample_trajectories(tiny_pipe, PROMPTS, num_steps=6, guidance_scale=5.0, eta=1.0, seeds=[0, 1, 2, 3])
+    delta = _recompute_all_steps(tiny_pipe, traj) - traj.log_probs
+    assert delta.abs().max().item() == 0.0
+    assert torch.exp(delta).eq(1.0).all()
+
+
+def test_low_precision_recomputed_importance_ratio_is_exactly_one(low_precision_pipe):
+    """fp16 and bf16 on CPU: the stored latents are in the model dtype and the recorded log-probs are the
+    densities at those stored values, so recomputing gives |Δ log p| = 0 (measured: 0 for both, any step count).
+
+    Before the fix (density at the fp32 sample, then rounded) the tiny pipeline measured, for 6–50 steps,
+    fp16: |Δ log p| ≤ 3.1e-2 (ratio ∈ [0.969, 1.0014]), bf16: |Δ log p| ≤ 4.5e-1 (ratio ∈ [0.634, 1.0018]),
+    i.e. most ratios outside DDPO's clip range 1 ± 1e-4 before the first update.
+    """
+    name, pipe = low_precision_pipe
+    traj = sample_trajectories(pipe, PROMPTS, num_steps=6, guidance_scale=5.0, eta=1.0, seeds=[0, 1, 2, 3])
+    assert traj.latents.dtype == pipe.unet.dtype and traj.log_probs.dtype == torch.float32
+    delta = _recompute_all_steps(pipe, traj) - traj.log_probs
+    assert delta.abs().max().item() == 0.0, f"{name}: max |Δ log p| = {delta.abs().max().item():.3e}"
+
+
+# ----------------------------------------------------------------------------------- eval mode (dropout)
+
+
+def _lora_unet_with_dropout(seed: int = 0):
+    """A fresh tiny pipeline whose U-Net has a LoRA adapter (dropout 0.5, non-zero B) in train mode."""
+    from peft import LoraConfig
+
+    from genreward.models import load_pipeline
+
+    pipe = load_pipeline("tiny:sd", device="cpu", dtype="fp32")
+    pipe.unet.add_adapter(
+        LoraConfig(
+            r=4, lora_alpha=4, lora_dropout=0.5, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]
+        )
+    )
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pipe.unet.named_parameters():
+            if "lora_B" in name:  # peft initialises B = 0, which would make dropout invisible
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    pipe.unet.train()
+    return pipe
+
+
+def test_sampling_uses_eval_mode_so_dropout_does_not_change_samples():
+    """With LoRA dropout 0.5 and a U-Net left in train mode, the same seeds give the same trajectory, and
+    the U-Net's (per-module) train/eval flags are restored afterwards."""
+    pipe = _lora_unet_with_dropout()
+    dropouts = [m for m in pipe.unet.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    assert dropouts, "the LoRA adapter should add dropout modules"
+    dropouts[0].eval()  # a mixed-mode model must come back mixed, not all-train
+    before = {name: m.training for name, m in pipe.unet.named_modules()}
+    a = sample_trajectories(pipe, PROMPTS[:2], num_steps=4, seeds=[0, 1])
+    b = sample_trajectories(pipe, PROMPTS[:2], num_steps=4, seeds=[0, 1])
+    assert torch.equal(a.latents, b.latents) and torch.equal(a.log_probs, b.log_probs)
+    assert {name: m.training for name, m in pipe.unet.named_modules()} == before
+    pipe.unet.eval()
+    with torch.no_grad():
+        recomputed = torch.stack([step_log_prob(pipe.unet, pipe.scheduler, a, k) for k in range(4)], dim=1)
+    assert (recomputed - a.log_probs).abs().max().item() == 0.0

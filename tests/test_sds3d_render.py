@@ -1,4 +1,4 @@
-"""sds3d renderer, cameras, schedules and mesh export (specs/vlm3d_sds.md §10 items 6–9, 13), offline, no models."""
+"""sds3d renderer, cameras, schedules and mesh export (docs/algorithms/vlm3d_sds.md §10 items 6–9, 13), offline, no models."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""Reward shaping (shared/specs/vlmrm_par_shaping.md): VLM-RM goal–baseline, PAR/lsc, meanstd, clamp.
+"""Reward shaping (docs/algorithms/shaping.md): VLM-RM goal–baseline, PAR/lsc, meanstd, clamp.
 
-Test names carry the spec item they check: ``test_vlmrm_<n>_…`` for §1 Tests n, ``test_par_<n>_…`` for
-§2 Tests n. Everything runs offline on tiny random-weight models.
+Test names carry the item of shaping.md §5 they check: ``test_vlmrm_<n>_…`` for VLM-RM item n (§1),
+``test_par_<n>_…`` for PAR item n (§2). Everything runs offline on tiny random-weight models.
 """
 
 from __future__ import annotations
@@ -372,3 +372,21 @@ def test_meanstd_of_par_from_config() -> None:
     assert nested.inner._pipe is None  # given references skip generation at any depth
     state = json.loads(json.dumps(nested.state_dict()))
     assert "inner" in state and "settings" in state["inner"]
+
+
+def test_par_scores_its_references_without_updating_a_stateful_inner(tiny_pipe) -> None:
+    """References are not policy samples and are generated per rank at different times: a meanstd inside
+    PAR folds in only the policy batch, and never runs its gather collective for them."""
+
+    class MeanPixel:
+        differentiable = True
+        name = "mean_pixel"
+
+        def __call__(self, images: torch.Tensor, prompts: Sequence[str], **context: Any) -> RewardOutput:
+            return RewardOutput(scores=images.float().mean(dim=(1, 2, 3)))
+
+    inner = build("meanstd", reward=MeanPixel())
+    par = build("par", reward=inner, references=2, pipeline=tiny_pipe, num_steps=2, batch_size=4)
+    par(_images(2), ["a cat", "an owl"])
+    assert par.num_generated == 4
+    assert {k: v["count"] for k, v in inner.get_stats().items()} == {"a cat": 1, "an owl": 1}

@@ -1,4 +1,4 @@
-"""VLM-judge reward (specs/rewarddance.md §8 items 1–4, specs/vlm3d_sds.md §10 items 10–12), offline.
+"""VLM-judge reward (docs/algorithms/rewarddance.md §8 items 1–4, docs/algorithms/vlm3d_sds.md §10 items 10–12), offline.
 
 Tiny random-weight Qwen2-VL / Qwen2.5-VL / LLaVA judges stand in for the real checkpoints; the library's
 own processors (Qwen2VLImageProcessor, Qwen2VLProcessor) are the independent references.
@@ -75,7 +75,7 @@ def test_unknown_tiny_spec_and_hub_id_offline_are_one_line_errors(monkeypatch: p
 
 @pytest.mark.parametrize("spec", QWEN_SPECS)
 def test_torch_patchify_matches_library_processor(spec: str) -> None:
-    """VLM3D §10.11: same resized, normalised input → identical pixel_values and image_grid_thw."""
+    """vlm3d_sds.md §10.11: same resized, normalised input → identical pixel_values and image_grid_thw."""
     from transformers import Qwen2VLImageProcessor
 
     _, _, info = vlm.load_vlm(spec, device="cpu")
@@ -158,7 +158,7 @@ class _FixedLogitsVLM(torch.nn.Module):
 
 
 def test_mock_fixed_logits_reward_is_softmax_at_first_answer_position() -> None:
-    """RewardDance §8.2: the position index is the last token of "<|im_start|>assistant\\n"."""
+    """rewarddance.md §8.2: the position index is the last token of "<|im_start|>assistant\\n"."""
     judge = VLMJudge(model="tiny:qwen2-vl", normalization="full")
     tok = judge.processor
     mock = _FixedLogitsVLM(len(tok), judge.yes_id)
@@ -214,7 +214,7 @@ def test_real_tiny_reward_equals_library_forward_softmax_at_last_prompt_token(sp
 
 
 def test_normalisations_bounds_and_relations() -> None:
-    """RewardDance §8.1 and VLM3D §10.10 on the real tiny judge's logits."""
+    """rewarddance.md §8.1 and vlm3d_sds.md §10.10 on the real tiny judge's logits."""
     x = _images(3, 64, 64, seed=1)
     outs = {n: build("vlm_judge", normalization=n)(x, PROMPTS) for n in ("full", "yes_no", "log_odds")}
     full, yes_no, log_odds = (outs[n].scores for n in ("full", "yes_no", "log_odds"))
@@ -261,7 +261,7 @@ def test_pairwise_batched_equals_one_by_one() -> None:
 
 @pytest.mark.parametrize("spec", ALL_SPECS)
 def test_gradient_reaches_pixels_not_judge(spec: str) -> None:
-    """RewardDance §8.4: finite, non-zero ∂R/∂pixels; no VLM parameter gets a gradient."""
+    """rewarddance.md §8.4: finite, non-zero ∂R/∂pixels; no VLM parameter gets a gradient."""
     judge = VLMJudge(model=spec)
     x = _images(2, 64, 64, seed=3, grad=True)
     out = judge(x, PROMPTS[:2])
@@ -287,7 +287,7 @@ def test_no_graph_when_images_do_not_require_grad() -> None:
 
 
 def test_multiview_vlm3d_loss_backward_qwen25() -> None:
-    """VLM3D §10.12: loss_qwen = −(ℓ_Yes − ℓ_No) over V separate views; finite non-zero render grads, none on the VLM."""
+    """vlm3d_sds.md §10.12: loss_qwen = −(ℓ_Yes − ℓ_No) over V separate views; finite non-zero render grads, none on the VLM."""
     judge = VLMJudge(model="tiny:qwen2.5-vl", normalization="log_odds")
     views = _images(2 * 4, 64, 64, seed=9).reshape(2, 4, 3, 64, 64).requires_grad_(True)
     out = judge(views, ["a chair", "a teapot"])

@@ -39,7 +39,20 @@ class RewardOutput:
 
 @runtime_checkable
 class Reward(Protocol):
-    """What trainers and evaluation rely on."""
+    """What trainers and evaluation rely on.
+
+    ``**context`` carries optional per-call keys. A reward reads the ones it knows and must ignore the rest
+    (wrappers forward them all to their inner rewards), so callers can pass keys meant for a nested reward:
+
+    * ``metadata`` — one entry per image (prompt-set metadata); ``reference_images`` / ``references`` /
+      ``reference_rewards`` — reward-specific references;
+    * ``update_stats`` (bool, default True) — False: a stateful reward scores without updating its state
+      (evaluation passes it);
+    * ``gather`` (``Callable[[Tensor], Tensor]``, 1-D tensor → concatenation over all ranks in rank order,
+      like ``accelerator.gather``) and ``gather_prompts`` (``Callable[[list[str]], list[str]]``, like
+      ``accelerate.utils.gather_object``) — let a stateful reward update its state with every rank's batch,
+      so all ranks hold the same state; they are collectives, so every rank must make the call.
+    """
 
     name: str
     differentiable: bool  # True ⇒ scores carry gradients back to the input images
@@ -134,7 +147,11 @@ def reward_from_specs(specs: Sequence[RewardSpec], name: str = "reward") -> Rewa
 
 
 class WeightedSum:
-    """Composition: score = Σ_k w_k · r_k. Details keep each component's score under its name."""
+    """Composition: score = Σ_k w_k · r_k. Details keep each component's score under its name.
+
+    Every component gets the full call context (``update_stats``, ``gather``… included), in list order on
+    every rank, so components' collectives line up across ranks.
+    """
 
     def __init__(self, rewards: Sequence[Reward], weights: Sequence[float], name: str = "weighted_sum"):
         if len(rewards) != len(weights) or not rewards:
