@@ -33,7 +33,16 @@ import torch
 import torch.nn.functional as F
 
 from genreward.errors import GenrewardError
-from genreward.images import check_images, from_uint8, load_images, save_png
+from genreward.images import (  # noqa: F401  (image_files / load_reference_images: also imported from here)
+    IMAGE_EXTENSIONS,
+    check_images,
+    fit_square,
+    from_uint8,
+    image_files,
+    load_images,
+    load_reference_images,
+    save_png,
+)
 from genreward.models.device import resolve_device
 from genreward.models.hub import from_pretrained_offline_aware
 from genreward.rewards.base import RewardOutput, check_batch
@@ -42,7 +51,6 @@ from genreward.schema import ModelConfig, SampleConfig
 
 log = logging.getLogger("genreward.dreambench")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 TINY_SEED = 1234
 
 # DreamBench's evaluation prompts (DreamBooth benchmark): 25 for objects, 25 for live subjects.
@@ -102,56 +110,6 @@ LIVE_NOUNS = {"cat", "dog", "kitten", "puppy"}
 
 
 # ------------------------------------------------------------------------------------- subject folders
-
-
-def image_files(folder: str | Path) -> list[Path]:
-    """The image files directly inside ``folder``, sorted by name (one-line error if none)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise GenrewardError(f"subject folder not found: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise GenrewardError(f"subject folder {folder} holds no reference images ({', '.join(IMAGE_EXTENSIONS)})")
-    return files
-
-
-def load_reference_images(folder: str | Path, size: int | None = None) -> torch.Tensor:
-    """A subject's reference photos as ``[M,3,H,W]`` in [0,1].
-
-    Unreadable files are one-line errors naming the file. Photos of different sizes are resized (with a
-    warning naming each file) to the first photo's size; ``size`` instead gives square ``size×size`` photos
-    (shorter side resized, centre crop — DreamBooth's preprocessing).
-    """
-    from PIL import Image
-
-    files = image_files(folder)
-    sizes = []
-    for path in files:
-        try:
-            with Image.open(path) as im:
-                im.verify()
-            with Image.open(path) as im:
-                sizes.append((im.height, im.width))
-        except Exception as exc:  # PIL raises many types for broken files
-            raise GenrewardError(f"cannot read reference image {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    if size is not None:
-        return torch.cat([fit_square(load_images([p]), size) for p in files])
-    target = sizes[0]
-    for path, hw in zip(files, sizes):
-        if hw != target:
-            log.warning("reference image %s is %dx%d, not %dx%d like %s; resizing it", path, hw[1], hw[0], target[1], target[0], files[0].name)
-    return load_images(files, size=target)
-
-
-def fit_square(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize the shorter side to ``size`` (bilinear, antialiased) and centre-crop to ``size×size``."""
-    check_images(images)
-    h, w = images.shape[-2:]
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    x = F.interpolate(images.float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False) if (nh, nw) != (h, w) else images
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return x[..., top : top + size, left : left + size].clamp(0, 1).contiguous()
 
 
 def write_skimage_subject(name: str, folder: str | Path, count: int = 4, size: int = 256) -> Path:

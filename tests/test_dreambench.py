@@ -1,4 +1,4 @@
-"""DreamBench-style evaluation (specs/rpo_lambda_harmonic.md §9, §11 item 9), subject folders and bad input."""
+"""DreamBench-style evaluation (docs/algorithms/rpo_lambda_harmonic.md §9, §11 item 9), subject folders and bad input."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""λ-Harmonic reward (specs/rpo_lambda_harmonic.md §3, §11 items 1–3): maths, backends, references, errors."""
+"""λ-Harmonic reward (docs/algorithms/rpo_lambda_harmonic.md §3, §11 items 1–3): maths, backends, references, errors."""
 
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def test_spec11_1_lambda_outside_unit_interval_is_an_error():
 def test_spec11_2_image_against_only_itself_gives_si_one(backend, images, request):
     reward = request.getfixturevalue(backend)
     for i in range(images.shape[0]):
-        out = reward(images[i : i + 1], ["a photo of a cat"], references=images[i : i + 1])
+        out = reward(images[i : i + 1], ["a photo of a cat"], reference_images=images[i : i + 1])
         assert out.details["image_similarity"].item() == pytest.approx(1.0, abs=1e-5)
         assert out.details["image_cosine"].item() == pytest.approx(1.0, abs=1e-5)
 
@@ -101,7 +101,7 @@ def test_spec11_2_image_against_only_itself_gives_si_one(backend, images, reques
 def test_spec11_2_mapped_similarities_lie_in_unit_interval(backend, images, request):
     reward = request.getfixturevalue(backend)
     prompts = ["a cat", "a dog on the moon", "sks", "", "a painting of a red bicycle"]
-    out = reward(images, prompts, references=images.flip(0)[:3])
+    out = reward(images, prompts, reference_images=images.flip(0)[:3])
     for key in ("image_similarity", "text_similarity"):
         assert torch.all((out.details[key] >= 0) & (out.details[key] <= 1)), key
     assert torch.all((out.scores >= 0) & (out.scores <= 1))
@@ -117,10 +117,10 @@ def test_spec11_2_mapped_similarities_lie_in_unit_interval(backend, images, requ
 def test_spec11_3_reference_order_does_not_matter_and_is_the_mean(backend, images, request):
     reward = request.getfixturevalue(backend)
     refs = images[1:]
-    a = reward(images[:1], ["a cat"], references=refs)
-    b = reward(images[:1], ["a cat"], references=refs.flip(0).clone())
+    a = reward(images[:1], ["a cat"], reference_images=refs)
+    b = reward(images[:1], ["a cat"], reference_images=refs.flip(0).clone())
     torch.testing.assert_close(a.scores, b.scores, rtol=1e-6, atol=1e-6)
-    singles = torch.stack([reward(images[:1], ["a cat"], references=refs[m : m + 1]).details["image_cosine"] for m in range(4)])
+    singles = torch.stack([reward(images[:1], ["a cat"], reference_images=refs[m : m + 1]).details["image_cosine"] for m in range(4)])
     torch.testing.assert_close(a.details["image_cosine"], singles.mean(0), rtol=1e-5, atol=1e-6)
 
 
@@ -128,15 +128,15 @@ def test_spec11_3_reference_order_does_not_matter_and_is_the_mean(backend, image
 
 
 def test_scores_are_the_lambda_harmonic_of_the_details(clip_reward, images):
-    out = clip_reward(images, ["a cat"] * 5, references=images[:2])
+    out = clip_reward(images, ["a cat"] * 5, reference_images=images[:2])
     expected = lambda_harmonic(out.details["image_similarity"], out.details["text_similarity"], 0.5)
     torch.testing.assert_close(out.scores, expected)
 
 
 def test_view_shares_backbone_and_lambda_one_zero_are_si_st(clip_reward, images):
-    full = clip_reward(images, ["a sks cat"] * 5, references=images[:2])
-    img = clip_reward.view(1.0)(images, ["a sks cat"] * 5, references=images[:2])
-    txt = clip_reward.view(0.0)(images, ["a sks cat"] * 5, references=images[:2])
+    full = clip_reward(images, ["a sks cat"] * 5, reference_images=images[:2])
+    img = clip_reward.view(1.0)(images, ["a sks cat"] * 5, reference_images=images[:2])
+    txt = clip_reward.view(0.0)(images, ["a sks cat"] * 5, reference_images=images[:2])
     assert clip_reward.view(0.3).embedder is clip_reward.embedder
     torch.testing.assert_close(img.scores, full.details["image_similarity"])
     torch.testing.assert_close(txt.scores, full.details["text_similarity"])
@@ -145,8 +145,8 @@ def test_view_shares_backbone_and_lambda_one_zero_are_si_st(clip_reward, images)
 def test_remove_tokens_strips_identifier_from_text_only(clip_reward, images):
     assert strip_tokens("a photo of sks cat, sks.", ["sks"]) == "a photo of cat, ."
     assert strip_tokens("a sksx cat", ["sks"]) == "a sksx cat"
-    stripped = clip_reward.view(0.0, ["sks"])(images[:1], ["a sks cat"], references=images[:1])
-    plain = clip_reward.view(0.0)(images[:1], ["a cat"], references=images[:1])
+    stripped = clip_reward.view(0.0, ["sks"])(images[:1], ["a sks cat"], reference_images=images[:1])
+    plain = clip_reward.view(0.0)(images[:1], ["a cat"], reference_images=images[:1])
     torch.testing.assert_close(stripped.scores, plain.scores)
 
 
@@ -155,18 +155,18 @@ def test_differentiable_to_pixels(backend, images, request):
     reward = request.getfixturevalue(backend)
     assert reward.differentiable
     x = images[:2].clone().requires_grad_(True)
-    out = reward(x, ["a cat", "a dog"], references=images[2:4])
+    out = reward(x, ["a cat", "a dog"], reference_images=images[2:4])
     out.scores.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0 and torch.isfinite(x.grad).all()
 
 
 def test_per_sample_reference_sets(clip_reward, images):
-    per = clip_reward(images[:2], ["a", "b"], references=[images[2:3], images[3:5]])
-    one = clip_reward(images[:1], ["a"], references=images[2:3])
-    two = clip_reward(images[1:2], ["b"], references=images[3:5])
+    per = clip_reward(images[:2], ["a", "b"], reference_images=[images[2:3], images[3:5]])
+    one = clip_reward(images[:1], ["a"], reference_images=images[2:3])
+    two = clip_reward(images[1:2], ["b"], reference_images=images[3:5])
     torch.testing.assert_close(per.scores, torch.cat([one.scores, two.scores]), rtol=1e-5, atol=1e-6)
     with pytest.raises(GenrewardError, match="per-image reference sets"):
-        clip_reward(images[:2], ["a", "b"], references=[images[2:3]])
+        clip_reward(images[:2], ["a", "b"], reference_images=[images[2:3]])
 
 
 def test_references_option_from_folder(tmp_path, images):
@@ -184,6 +184,9 @@ def test_missing_references_and_bad_backend_are_one_line_errors(clip_reward, ima
     bare = LambdaHarmonic(lam=0.5, embedder=clip_reward.embedder)
     with pytest.raises(GenrewardError, match="reference images"):
         bare(images[:1], ["a cat"])
+    with pytest.raises(GenrewardError, match="reference_images") as err:  # the one context key, as vlm_judge's
+        bare(images[:1], ["a cat"], references=images[:1])
+    assert "\n" not in str(err.value)
     with pytest.raises(GenrewardError, match="backend"):
         build("lambda_harmonic", backend="dino")
     with pytest.raises(GenrewardError, match="no option"):

@@ -134,7 +134,7 @@ def test_verifier_verdicts_name_failed_checks_and_what_was_seen(tmp_path):
     assert wrong.verdicts == ["fail: count · saw 2 red circles"]
     blank = reward(torch.zeros(1, 3, 32, 32), ["a blue square"])
     assert blank.verdicts[0].startswith("fail: shape, color, present, count") and blank.verdicts[0].endswith("saw nothing")
-    from genreward.rewards.verifier import verdict  # detections the verifier could not name still print
+    from genreward.world.reward import verdict  # detections the verifier could not name still print
 
     unnamed = {"pass": False, "shape": False, "color": True, "present": False, "count": False, "position": None,
                "detections": [{"color": "red", "shape": None}, {"color": None, "shape": "circle"}]}

@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import torch
 
+from genreward.data.judge_rows import majority_baseline
 from genreward.errors import GenrewardError
 from genreward.images import load_images
 from genreward.jsonl import append_jsonl, iter_jsonl
@@ -169,17 +170,6 @@ def load_judge_rows(path: str | Path, objective: str) -> list[dict]:
     if not rows:
         raise GenrewardError(f"judge data file {path} has no rows")
     return rows
-
-
-def majority_baseline(train_rows: list[dict], eval_rows: list[dict]) -> float:
-    """Accuracy on ``eval_rows`` of answering each question text with its most frequent training answer
-    (overall majority for unseen questions): what a judge that ignores the image can reach."""
-    per_q: dict[str, Counter] = defaultdict(Counter)
-    for r in train_rows:
-        per_q[r["prompt"]][r["label"]] += 1
-    overall = Counter(r["label"] for r in train_rows).most_common(1)[0][0]
-    hits = [(per_q[r["prompt"]].most_common(1)[0][0] if r["prompt"] in per_q else overall) == r["label"] for r in eval_rows]
-    return sum(hits) / len(hits)
 
 
 class _ImageCache:

@@ -13,6 +13,7 @@ import json
 import random
 from pathlib import Path
 
+from genreward.data.judge_rows import majority_baseline
 from genreward.errors import GenrewardError
 
 SHAPES = ("circle", "rectangle", "triangle")
@@ -77,8 +78,6 @@ def convert(out_dir: str | Path, auxiliary: bool = False, seed: int = 0, open_an
     """Write ``train.jsonl`` (yes/no rows, plus auxiliary yes/no rows and/or free-form answer rows if asked,
     shuffled) and ``test.jsonl`` (yes/no rows only); returns paths, counts and the question-prior
     ``majority_baseline``."""
-    from trainers.reward_model import majority_baseline
-
     out = Path(out_dir)
     train = yes_no_rows("train")
     test = yes_no_rows("test")

@@ -32,6 +32,7 @@ from genreward.models.device import resolve_device, resolve_dtype
 from genreward.models.hub import from_pretrained_offline_aware, hub_offline, offline_error
 from genreward.images import check_images
 from genreward.models.tokenizers import CLIP_TEXT_TOKEN_IDS
+from genreward.registry import find_spec_loader, register_spec
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -238,26 +239,9 @@ def load_clip(
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
 
-    if spec.startswith("tiny:") or spec == "tiny":
-        kind = spec.partition(":")[2] or ("open_clip" if backend == "open_clip" else "clip")
-        if kind not in ("clip", "open_clip"):
-            raise GenrewardError(f"unknown tiny CLIP {spec!r}; use tiny:clip (transformers) or tiny:open_clip")
-        wanted = "transformers" if kind == "clip" else "open_clip"
-        _check_backend(spec, backend, wanted)
-        model = _tiny_transformers() if kind == "clip" else _tiny_open_clip()
-        return model.to(device=dev, dtype=torch_dtype)
-
-    if spec.startswith("world:"):
-        from genreward.world.models import CLIP_SPECS, load_world_clip
-
-        if spec not in CLIP_SPECS:
-            raise GenrewardError(f"unknown world CLIP {spec!r}; available: {', '.join(CLIP_SPECS)}")
-        _check_backend(spec, backend, "transformers")
-        return load_world_clip().to(device=dev, dtype=torch_dtype)
-
-    if spec.startswith("open_clip:"):
-        _check_backend(spec, backend, "open_clip")
-        return _load_open_clip(spec, spec[len("open_clip:") :], dev, torch_dtype)
+    loader = find_spec_loader("clip", spec, what="CLIP model")
+    if loader is not None:
+        return loader(spec, backend=backend, device=dev, dtype=torch_dtype)
 
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -280,9 +264,30 @@ def load_clip(
     return _load_transformers(spec, spec, dev, torch_dtype)
 
 
-def _check_backend(spec: str, backend: str, wanted: str) -> None:
+def check_backend(spec: str, backend: str, wanted: str) -> None:
+    """One-line error unless ``backend`` is ``auto`` or the one the spec's weights need (for spec loaders)."""
     if backend not in ("auto", wanted):
         raise GenrewardError(f"CLIP model {spec!r} needs backend {wanted!r}, but backend={backend!r} was given")
+
+
+# Registered spec loaders (genreward.registry, kind "clip"): loader(spec, backend=, device=, dtype=) → a ClipModel
+# on that device in that dtype. ``world:`` specs are registered by the genreward.world.plugin plugin.
+
+
+@register_spec("clip", "tiny", "tiny:clip", "tiny:open_clip", "tiny:")  # the prefix entry catches unknown tiny: names
+def _tiny_spec(spec: str, backend: str, device: torch.device, dtype: torch.dtype) -> ClipModel:
+    kind = spec.partition(":")[2] or ("open_clip" if backend == "open_clip" else "clip")
+    if kind not in ("clip", "open_clip"):
+        raise GenrewardError(f"unknown tiny CLIP {spec!r}; use tiny:clip (transformers) or tiny:open_clip")
+    check_backend(spec, backend, "transformers" if kind == "clip" else "open_clip")
+    model = _tiny_transformers() if kind == "clip" else _tiny_open_clip()
+    return model.to(device=device, dtype=dtype)
+
+
+@register_spec("clip", "open_clip:")
+def _open_clip_spec(spec: str, backend: str, device: torch.device, dtype: torch.dtype) -> ClipModel:
+    check_backend(spec, backend, "open_clip")
+    return _load_open_clip(spec, spec[len("open_clip:") :], device, dtype)
 
 
 # ----------------------------------------------------------------------------------------- tiny models

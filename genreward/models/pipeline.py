@@ -1,8 +1,12 @@
-"""Loading text-to-image pipelines: hub id, local folder, or a built-in tiny spec.
+"""Loading text-to-image pipelines: hub id, local folder, or a registered spec (``tiny:sd``, ``world:shapes-t2i``).
 
 All three go through the same code afterwards: the scheduler is swapped for ``DDIMScheduler`` (the
 sampler's log-probabilities are defined for DDIM), the pipeline moves to the configured device/dtype,
 and optional fine-tuned weights (a LoRA or a full U-Net folder) are applied.
+
+Prefixed specs are looked up in :mod:`genreward.registry` (kind ``"pipeline"``; a loader takes the spec and
+returns a diffusers pipeline). The ``tiny:`` / ``random:`` built-ins register below; ``world:`` specs are
+registered by the ``genreward.world.plugin`` plugin.
 """
 
 from __future__ import annotations
@@ -15,8 +19,17 @@ from genreward.errors import GenrewardError
 from genreward.models.device import resolve_device, resolve_dtype
 from genreward.models.hub import from_pretrained_offline_aware
 from genreward.models.tiny import RANDOM_SPECS, TINY_SPECS, build_random_sd15, build_tiny_sd
+from genreward.registry import find_spec_loader, register_spec
 
-WORLD_T2I_SPECS = ("world:shapes-t2i",)  # weights under genreward/world/weights/ (genreward.world.models)
+
+@register_spec("pipeline", *TINY_SPECS)
+def _tiny_pipeline(spec: str):
+    return build_tiny_sd(spec)
+
+
+@register_spec("pipeline", *RANDOM_SPECS)
+def _random_pipeline(spec: str):
+    return build_random_sd15()
 
 
 def load_pipeline(
@@ -37,17 +50,9 @@ def load_pipeline(
     from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
 
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
-    if spec in TINY_SPECS:
-        pipe = build_tiny_sd(spec)
-    elif spec in RANDOM_SPECS:
-        pipe = build_random_sd15()
-    elif spec in WORLD_T2I_SPECS:
-        from genreward.world.models import load_world_t2i
-
-        pipe = load_world_t2i()
-    elif spec.startswith(("tiny:", "random:", "world:")):
-        builtin = TINY_SPECS + RANDOM_SPECS + WORLD_T2I_SPECS
-        raise GenrewardError(f"unknown built-in pipeline spec '{spec}'; available: {', '.join(builtin)}")
+    loader = find_spec_loader("pipeline", spec, what="pipeline")
+    if loader is not None:
+        pipe = loader(spec)
     else:
         pipe = from_pretrained_offline_aware(DiffusionPipeline.from_pretrained, spec, spec, "pipeline", safety_checker=None)
     if not hasattr(pipe, "unet"):

@@ -9,6 +9,7 @@ itself. :func:`load_vlm` builds a judge from a spec string:
 * ``tiny:qwen2-vl`` / ``tiny:qwen2.5-vl`` / ``tiny:llava`` — tiny random-weight models of the real
   architectures (fixed seed) with a byte-level BPE tokenizer trained in memory that has Qwen's special
   tokens and "yes"/"no"/"Yes"/"No" as single tokens; for tests and demos;
+* ``world:shapes-judge`` — the shapes world's project-trained judge (registered by ``genreward.world.plugin``);
 * a hub id (``Qwen/Qwen2.5-VL-7B-Instruct``, ``llava-hf/llava-1.5-7b-hf``) or a local folder; the class is
   chosen from ``config.model_type`` (``qwen2_vl``, ``qwen2_5_vl``, ``llava``). Loading goes through
   :func:`from_pretrained_offline_aware`, so an unavailable model is one :class:`OfflineModelError` line.
@@ -28,14 +29,13 @@ import torch.nn.functional as F
 from genreward.errors import GenrewardError
 from genreward.models.device import resolve_device, resolve_dtype
 from genreward.models.hub import from_pretrained_offline_aware
+from genreward.registry import find_spec_loader, register_spec
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TINY_SEED = 1234
 TINY_SPECS = ("tiny:qwen2-vl", "tiny:qwen2.5-vl", "tiny:llava", "tiny:llava-effnet")
-RANDOM_SPECS = ("random:qwen2.5-vl-3b",)
-WORLD_SPECS = ("world:shapes-judge",)  # project-trained judge of the shapes world (docs/world.md)
-WORLD_JUDGE_DIR = Path(__file__).resolve().parents[1] / "world" / "weights" / "shapes_judge"  # full-size architecture, random weights: GPU benchmarks only
+RANDOM_SPECS = ("random:qwen2.5-vl-3b",)  # full-size architecture, random weights: GPU benchmarks only
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava")
 
 QWEN_SPECIAL_TOKENS = (
@@ -294,27 +294,34 @@ def load_vlm(
     spec = spec.strip()
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
-    if spec.startswith("tiny:"):
-        if spec not in TINY_SPECS:
-            raise GenrewardError(f"unknown tiny VLM {spec!r}; use one of {', '.join(TINY_SPECS)}")
-        model, processor, info = _build_tiny(spec)
-    elif spec.startswith("random:"):
-        if spec not in RANDOM_SPECS:
-            raise GenrewardError(f"unknown random-weight VLM {spec!r}; use one of {', '.join(RANDOM_SPECS)}")
-        with torch.device(dev):  # initialise 3.8B parameters where they will run
-            model, processor, info = _build_tiny(spec)
-    elif spec in WORLD_SPECS:
-        folder = WORLD_JUDGE_DIR
-        if not (folder / GENREWARD_VLM_FILE).is_file():
-            raise GenrewardError(f"VLM {spec!r}: its weights are missing from {folder}")
-        model, processor, info = load_genreward_vlm(folder)
-        info.spec = spec
+    loader = find_spec_loader("vlm", spec, what="VLM")
+    if loader is not None:
+        model, processor, info = loader(spec, device=dev, dtype=torch_dtype)
     elif (Path(spec).expanduser() / GENREWARD_VLM_FILE).is_file():
         model, processor, info = load_genreward_vlm(Path(spec).expanduser())
     else:
         model, processor, info = _load_pretrained(spec, torch_dtype)
     model = model.to(device=dev, dtype=torch_dtype).eval().requires_grad_(False)
     return model, processor, info
+
+
+# Registered spec loaders (genreward.registry, kind "vlm"): loader(spec, device=, dtype=) → (model, processor,
+# info); load_vlm then moves the model to device/dtype and freezes it. ``world:`` specs come from genreward.world.plugin.
+
+
+@register_spec("vlm", *TINY_SPECS, "tiny:")  # the prefix entry catches unknown tiny: names
+def _tiny_spec(spec: str, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, Any, VLMInfo]:
+    if spec not in TINY_SPECS:
+        raise GenrewardError(f"unknown tiny VLM {spec!r}; use one of {', '.join(TINY_SPECS)}")
+    return _build_tiny(spec)
+
+
+@register_spec("vlm", *RANDOM_SPECS, "random:")
+def _random_spec(spec: str, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, Any, VLMInfo]:
+    if spec not in RANDOM_SPECS:
+        raise GenrewardError(f"unknown random-weight VLM {spec!r}; use one of {', '.join(RANDOM_SPECS)}")
+    with torch.device(device):  # initialise 3.8B parameters where they will run
+        return _build_tiny(spec)
 
 
 GENREWARD_VLM_FILE = "genreward_vlm.json"

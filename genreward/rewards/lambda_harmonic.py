@@ -11,9 +11,10 @@ Backbones: ALIGN (transformers ``AlignModel``, the paper's ``kakaobrain/align-ba
 random-weight, architecture-faithful ALIGN built offline) or any CLIP that :func:`genreward.models.clip.load_clip`
 loads (``tiny:clip``, ``open_clip:...``, hub ids). Both give differentiable scores (gradients reach the pixels).
 
-The reference photos come from the ``references=`` option (a folder or a tensor) or per call through the
-reward context: ``references=`` a tensor ``[R,3,H,W]`` in [0,1] shared by the batch, or a list with one such
-tensor per image.
+The reference photos come from the ``references`` option (a folder of images or a tensor) or per call through
+the reward context under the shared key ``reference_images=``: a tensor ``[R,3,H,W]`` in [0,1] shared by the
+batch, or a list with one such tensor per image. (``references=`` in the call context is refused with a
+one-line error; the option keeps that name because it is usually a folder path in a config.)
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from genreward.errors import GenrewardError
-from genreward.images import check_images
+from genreward.images import check_images, load_reference_images
 from genreward.models.device import resolve_device, resolve_dtype
 from genreward.models.hub import from_pretrained_offline_aware
 from genreward.rewards.base import RewardOutput, check_batch, register
@@ -296,8 +297,6 @@ class LambdaHarmonic:
     def set_references(self, references: str | Path | torch.Tensor) -> None:
         """Bind the subject's reference images (a folder of images or a ``[R,3,H,W]`` tensor in [0,1])."""
         if isinstance(references, (str, Path)):
-            from genreward.dreambench import load_reference_images
-
             references = load_reference_images(references)
         self.references = check_images(references, "lambda_harmonic references")
 
@@ -311,17 +310,20 @@ class LambdaHarmonic:
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], **context: Any) -> RewardOutput:
         check_batch(self.name, images, prompts)
-        refs = context.get("references", self.references)
+        if "references" in context:
+            raise GenrewardError("lambda_harmonic: the call context key is reference_images=, not references= (references is the option)")
+        refs = context.get("reference_images")
+        refs = self.references if refs is None else refs
         if refs is None:
-            raise GenrewardError("lambda_harmonic needs the subject's reference images: pass references= (option or call context)")
+            raise GenrewardError("lambda_harmonic needs the subject's reference images: the references option or reference_images= in the call context")
         if isinstance(refs, torch.Tensor):
-            ref_emb: torch.Tensor | list[torch.Tensor] = self._reference_embeddings(check_images(refs, "references"))
+            ref_emb: torch.Tensor | list[torch.Tensor] = self._reference_embeddings(check_images(refs, "reference_images"))
         else:
             refs = list(refs)
             if len(refs) != images.shape[0]:
                 raise GenrewardError(f"lambda_harmonic: {len(refs)} per-image reference sets for {images.shape[0]} images")
             with torch.no_grad():
-                ref_emb = [self.embedder.embed_images(check_images(r, "references").to(self.embedder.device)) for r in refs]
+                ref_emb = [self.embedder.embed_images(check_images(r, "reference_images").to(self.embedder.device)) for r in refs]
         texts = [strip_tokens(p, self.remove_tokens) for p in prompts]
         with torch.no_grad():
             text_emb = self.embedder.embed_texts(texts)

@@ -1,7 +1,12 @@
-"""Loading the project-trained models of the shapes world (``world:shapes-t2i``, ``world:shapes-clip``).
+"""Loading the project-trained models of the shapes world (``world:shapes-t2i``, ``world:shapes-clip``,
+``world:shapes-judge``).
 
 Their weights ship inside the package (``genreward/world/weights/``, fp16 safetensors to stay small) so
-they are found offline after ``pip install .``; both load back in fp32 and are then moved by the caller.
+they are found offline after ``pip install .``; they load back in fp32 and are then moved by the caller.
+
+Importing this module registers the three specs with :mod:`genreward.registry`, so ``load_pipeline``,
+``load_clip`` and ``load_vlm`` find them; the registry imports ``genreward.world.plugin`` by name the first time it
+meets an unknown prefix such as ``world:``, so callers need not import this module themselves.
 """
 
 from __future__ import annotations
@@ -13,10 +18,12 @@ from typing import Any
 import torch
 
 from genreward.errors import GenrewardError
+from genreward.registry import register_spec
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 T2I_SPECS = ("world:shapes-t2i",)
 CLIP_SPECS = ("world:shapes-clip",)
+JUDGE_SPECS = ("world:shapes-judge",)  # the shapes world's judge VLM (genreward's own folder format)
 
 
 def t2i_folder() -> Path:
@@ -27,6 +34,11 @@ def t2i_folder() -> Path:
 def clip_folder() -> Path:
     """Folder of the shipped ``world:shapes-clip`` (a transformers ``CLIPModel`` folder)."""
     return WEIGHTS_DIR / "shapes_clip"
+
+
+def judge_folder() -> Path:
+    """Folder of the shipped ``world:shapes-judge`` (a ``save_genreward_vlm`` folder)."""
+    return WEIGHTS_DIR / "shapes_judge"
 
 
 def t2i_defaults(folder: str | Path | None = None) -> dict[str, Any]:
@@ -82,3 +94,37 @@ def load_world_clip(folder: str | Path | None = None):
     spec = CLIP_SPECS[0] if folder is None else str(root)
     return ClipModel(model, build_clip_tokenizer(model_max_length=context), "transformers", size,
                      OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, context_length=context, spec=spec)
+
+
+def load_world_judge(folder: str | Path | None = None):
+    """The world judge VLM as ``(model, processor, info)``, fp32 on CPU (``load_vlm`` freezes and moves it)."""
+    from genreward.models.vlm import GENREWARD_VLM_FILE, load_genreward_vlm
+
+    root = Path(folder or judge_folder())
+    if not (root / GENREWARD_VLM_FILE).is_file():
+        raise GenrewardError(f"VLM {JUDGE_SPECS[0]!r}: its weights are missing from {root}")
+    model, processor, info = load_genreward_vlm(root)
+    if folder is None:
+        info.spec = JUDGE_SPECS[0]
+    return model, processor, info
+
+
+# ------------------------------------------------------------------------- spec loaders (genreward.registry)
+
+
+@register_spec("pipeline", *T2I_SPECS)
+def _t2i_spec(spec: str):
+    return load_world_t2i()
+
+
+@register_spec("clip", *CLIP_SPECS)
+def _clip_spec(spec: str, backend: str, device: torch.device, dtype: torch.dtype):
+    from genreward.models.clip import check_backend
+
+    check_backend(spec, backend, "transformers")
+    return load_world_clip().to(device=device, dtype=dtype)
+
+
+@register_spec("vlm", *JUDGE_SPECS)
+def _judge_spec(spec: str, device: torch.device, dtype: torch.dtype):
+    return load_world_judge()

@@ -1,5 +1,8 @@
 """``verifier``: the shapes world's exact programmatic reward (see :mod:`genreward.world.verifier`).
 
+Registered with the rewards' ``@register`` on import; :mod:`genreward.world.plugin` imports this module, and
+``genreward.rewards.build("verifier")`` imports that plugin by name on a miss (:func:`genreward.registry.load_plugins`).
+
 The caption spec comes from the prompt set's metadata (``metadata[i]["spec"]``, or the metadata itself
 when it is a spec) and otherwise from parsing the prompt; a prompt outside the world's grammar is a
 one-line error. Scores are pass/fail (1/0) or, with ``graded: true``, the mean of the applicable checks.
