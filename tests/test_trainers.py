@@ -277,3 +277,51 @@ def test_prdp_with_vlm_judge_reward_config(tmp_path):
     assert row["num_pairs"] > 0 and row["loss"] == row["loss"]
     summary = json.loads((tmp_path / "judge" / "eval" / "final" / "summary.json").read_text())
     assert set(summary) == {"vlm_judge"}
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one AcceleratorState per process; a test that changes mixed precision starts a new one."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_ddpo_first_ratio_is_one_with_lora_dropout_and_mixed_precision(tmp_path, precision, fresh_accelerator_state):
+    """Sampling, recompute and loss evaluate one function: eval mode (dropout off) and the stored latent's density.
+
+    Before the fix, LoRA dropout 0.5 drew a new mask per pass and bf16 stored the rounded latent but evaluated the
+    density at the fp32 one; measured bound after the fix: |ratio − 1| ≤ 1e-6 in fp32 and bf16 on CPU.
+    """
+    config, train = _config(tmp_path, ["ddpo.epochs=1", "train.lora.dropout=0.5", f"train.mixed_precision={precision}",
+                                       "train.lora.rank=4", "ddpo.minibatch_size=8"], base=TINY_DDPO)
+    train(config)
+    row = _metrics(tmp_path / "run")[0]
+    assert abs(row["ratio_first"] - 1.0) <= 1e-6, row["ratio_first"]
+
+
+def test_fsdp_is_refused_with_one_line(tmp_path, monkeypatch):
+    """Under FULL_SHARD every rank holds shards; until that path is verified on GPUs the core refuses it."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
+    config, train = _config(tmp_path, ["eval.enabled=false"])
+    with pytest.raises(GenrewardError, match="FSDP is not supported"):
+        train(config)
+    assert not (tmp_path / "run").exists()  # refused before the run folder was written
+
+
+def test_ddpo_short_last_accumulation_group_is_averaged_over_its_own_size():
+    from trainers.losses import accumulation_divisors
+
+    assert accumulation_divisors(5, 2) == [2, 2, 2, 2, 1]
+    assert accumulation_divisors(6, 3) == [3] * 6
+    assert accumulation_divisors(2, 4) == [2, 2]
+    # Each optimiser step's gradient is the mean over the passes it accumulated: Σ 1/divisor per group = 1.
+    div = accumulation_divisors(7, 3)
+    groups = [div[i : i + 3] for i in range(0, 7, 3)]
+    assert [sum(1 / d for d in g) for g in groups] == [1.0, 1.0, 1.0]

@@ -247,6 +247,12 @@ class TrainingRun:
         )
         acc = self.accelerator
         self.run_dir.is_main = acc.is_main_process
+        if acc.distributed_type.name == "FSDP":
+            # Under FULL_SHARD each rank holds shards: sampling, the no-grad passes, checkpoints and the replica hash
+            # would read partial weights. Refused until that path is verified on GPUs (FSDP needs an accelerator;
+            # it cannot be exercised on the CPU machines this project is tested on).
+            raise GenrewardError("FSDP is not supported by the training core yet; launch with data parallelism "
+                                 "(configs/accelerate/ddp.yaml), with train.trainable=lora for large models")
         if self.train_cfg.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True

@@ -44,7 +44,7 @@ class Reward(Protocol):
     ``**context`` carries optional per-call keys. A reward reads the ones it knows and must ignore the rest
     (wrappers forward them all to their inner rewards), so callers can pass keys meant for a nested reward:
 
-    * ``metadata`` — one entry per image (prompt-set metadata); ``reference_images`` / ``references`` /
+    * ``metadata`` — one entry per image (prompt-set metadata); ``reference_images`` /
       ``reference_rewards`` — reward-specific references;
     * ``update_stats`` (bool, default True) — False: a stateful reward scores without updating its state
       (evaluation passes it);
@@ -99,7 +99,15 @@ def _accepted_options(factory: Callable[..., Any]) -> set[str] | None:
 
 
 def build(name: str, /, **options: Any) -> Reward:
-    """Build a registered reward by name. Unknown names and options are one-line errors."""
+    """Build a registered reward by name. Unknown names and options are one-line errors.
+
+    A name not registered yet makes the registry import the plugins (:data:`genreward.registry.PLUGINS`, by
+    name, once) and look again, so plugin rewards such as the shapes world's ``verifier`` need no import.
+    """
+    if name not in _REGISTRY:
+        from genreward.registry import load_plugins
+
+        load_plugins()
     if name not in _REGISTRY:
         raise GenrewardError(f"unknown reward {name!r}; available rewards: {', '.join(available())}")
     factory = _REGISTRY[name]
