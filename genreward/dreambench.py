@@ -1,4 +1,4 @@
-"""Subject-driven evaluation in the DreamBench protocol (shared/specs/rpo_lambda_harmonic.md §9), and subject folders.
+"""Subject-driven evaluation in the DreamBench protocol (docs/algorithms/rpo_lambda_harmonic.md §9), and subject folders.
 
 Layout: ``ROOT/<subject>/`` holds the subject's reference photos (jpg/png/webp/bmp) and optionally
 ``subject.yaml`` (``class_noun``, ``live``, ``prompts``: templates with ``{identifier}`` and ``{class_noun}``).

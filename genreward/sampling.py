@@ -1,6 +1,6 @@
 """The one DDIM sampler with per-step log-probabilities (DDPO/PRDP convention).
 
-Spec: shared/specs/ddpo_logprob.md §3–4. ``ddim_step_with_logprob`` is the transition
+Spec: docs/algorithms/ddpo.md §3–4. ``ddim_step_with_logprob`` is the transition
 π_θ(x_{t'} | x_t, c) and its Gaussian log-density; ``sample_trajectories`` runs the full CFG sampler and
 returns a :class:`Trajectory`; ``step_log_prob`` recomputes the log-prob of stored transitions under a
 given U-Net (the trainers' hot path).
@@ -96,7 +96,7 @@ def ddim_mean_std(
     sample: torch.Tensor,
     eta: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean μ_θ and std σ_t of the DDIM transition x_t → x_{t'} (spec §3 steps 1–6), computed in fp32.
+    """Mean μ_θ and std σ_t of the DDIM transition x_t → x_{t'} (docs/algorithms/ddpo.md §3 steps 1–6), computed in fp32.
 
     Returns (mean, std [B,1,1,1], predicted x̂_0). The previous timestep is clamped to [0, T_train−1]
     exactly as ddpo-pytorch does, so the last step uses ᾱ_0 and keeps σ > 0.
@@ -161,7 +161,7 @@ def ddim_step_with_logprob(
     variance_noise: torch.Tensor | None = None,
     reduction: Reduction = "mean",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One stochastic DDIM step and log π(x_{t'} | x_t) (spec §3).
+    """One stochastic DDIM step and log π(x_{t'} | x_t) (ddpo.md §3).
 
     Sampling mode (``prev_sample`` None): x_{t'} = μ_θ + σ_t·z with z from ``variance_noise`` or the
     generator(s) (one generator per sample keeps each sample independent of its batch), rounded to
@@ -256,7 +256,7 @@ def sample_trajectories(
     unet=None,
     progress: bool = False,
 ) -> Trajectory:
-    """Sample B trajectories with CFG, recording every latent and per-step log-prob (spec §4).
+    """Sample B trajectories with CFG, recording every latent and per-step log-prob (ddpo.md §4).
 
     ``seeds`` (one per prompt) drive the initial latents and the step noise; ``latents`` overrides x_T.
     ``eta = 0`` gives deterministic DDIM (images only, ``log_probs`` None). ``unet`` overrides the

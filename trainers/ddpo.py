@@ -1,4 +1,4 @@
-"""DDPO (Black et al., 2023), the DDPO_IS variant of ddpo-pytorch — specs/ddpo_logprob.md §5.
+"""DDPO (Black et al., 2023), the DDPO_IS variant of ddpo-pytorch — docs/algorithms/ddpo.md §5.
 
 Each epoch: sample trajectories (prompts drawn per sample), score them, turn rewards into advantages
 (per-prompt running statistics, or batch statistics), then for each inner epoch shuffle samples and each

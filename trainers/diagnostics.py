@@ -24,7 +24,7 @@ def epoch_record(
 ) -> dict:
     """Reward statistics of one epoch, gathered over all processes.
 
-    Also the reward-hacking diagnostics of specs/rewarddance.md §5: ``reward_std_within_prompt`` (mean over
+    Also the reward-hacking diagnostics of docs/algorithms/rewarddance.md §5: ``reward_std_within_prompt`` (mean over
     prompts of the std of their rewards; groups are the rows of ``rewards``, or, given ``prompts`` — the
     prompt of every gathered reward, in gather order — equal prompt texts) and ``reward_mean_window_std``
     (std of ``reward_mean`` over this and the previous ``REWARD_WINDOW - 1`` epochs; restored on resume).

@@ -1,7 +1,7 @@
 """Pure tensor losses for reward fine-tuning: PRDP's clipped RDP loss and the DDPO PPO surrogate.
 
-Specs: shared/specs/prdp.md §3–4, §8–9 (RDP loss, App. G conventions, two-pass gradient) and
-shared/specs/ddpo_logprob.md §5 (PPO surrogate, per-prompt advantage tracking). Nothing here touches a
+Specs: docs/algorithms/prdp.md §3–4, §8–9 (RDP loss, App. G conventions, two-pass gradient) and
+docs/algorithms/ddpo.md §5 (PPO surrogate, per-prompt advantage tracking). Nothing here touches a
 model: callers pass per-step log-ratios / log-probs and rewards, so every function can be checked
 against autograd and closed forms on small tensors.
 
@@ -239,7 +239,7 @@ def ddpo_loss(
     clip_range: float,
     adv_clip_max: float = 5.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """DDPO's clipped PPO surrogate for one timestep slot (ddpo_logprob.md §5.4).
+    """DDPO's clipped PPO surrogate for one timestep slot (ddpo.md §5.4).
 
     loss = mean(max(−A·ρ, −A·clamp(ρ, 1−ε, 1+ε))) with A clamped to ±adv_clip_max and ρ = exp(log p − log p_old).
     Stats (detached): approx_kl = ½·mean((log p − log p_old)²), clipfrac = mean(|ρ − 1| > ε), ratio (mean ρ).
@@ -311,7 +311,7 @@ def batch_advantages(rewards: torch.Tensor | np.ndarray | Sequence[float]) -> to
 
 
 class PerPromptStatTracker:
-    """ddpo-pytorch's per-prompt reward normalisation (ddpo_logprob.md §5.2).
+    """ddpo-pytorch's per-prompt reward normalisation (ddpo.md §5.2).
 
     Each prompt keeps a deque of its ``buffer_size`` most recent rewards. After this batch's rewards are
     appended, a prompt whose deque holds fewer than ``min_count`` values is normalised with the mean/std of

@@ -31,7 +31,7 @@ def pairwise_judge_loss(
     logits_yes: torch.Tensor, logits_no: torch.Tensor, label: torch.Tensor, logsumexp: torch.Tensor | None = None
 ) -> torch.Tensor:
     """CE on "is image 2 better than image 1?"; the caller passes both orders of each pair (flipped labels)
-    so the judge cannot fit the data by preferring a position (spec §7.2)."""
+    so the judge cannot fit the data by preferring a position (docs/algorithms/rewarddance.md §7.2)."""
     return yes_no_ce(logits_yes, logits_no, label, logsumexp)
 
 
@@ -41,7 +41,7 @@ def pointwise_bt_loss(
     """Bradley–Terry −log σ(s_w − s_l − margin) plus ``ce_weight``·(−log σ(s_w) − log σ(−s_l)), s = ℓ_yes − ℓ_no.
 
     The small CE term anchors the scale so the preferred image is also answered "yes" on its own
-    (spec §4); with ``ce_weight=0`` and equal scores the loss is log 2.
+    (rewarddance.md §4); with ``ce_weight=0`` and equal scores the loss is log 2.
     """
     bt = F.softplus(-(s_chosen - s_rejected - margin)).mean()
     if ce_weight == 0:

@@ -1,6 +1,6 @@
-"""RPO's losses and preference labels as pure tensor functions (shared/specs/rpo_lambda_harmonic.md §4, §6, §7).
+"""RPO's losses and preference labels as pure tensor functions (docs/algorithms/rpo_lambda_harmonic.md §4, §6, §7).
 
-Kept free of models so every property the spec lists (§11 items 4–6, 8) is testable on plain tensors:
+Kept free of models so every property the algorithm page lists (§11 items 4–6, 8) is testable on plain tensors:
 
 * Bradley–Terry: P(r ≻ g) = σ(R(r) − R(g)); labels y ~ Bernoulli(P), re-drawn at every use (no argmax).
 * per-image error e(x) = mean over C,H,W of (target − prediction)²  (target = ε, or the velocity v);

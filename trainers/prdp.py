@@ -1,4 +1,4 @@
-"""PRDP: Proximal Reward Difference Prediction (Deng et al., CVPR 2024), specs/prdp.md.
+"""PRDP: Proximal Reward Difference Prediction (Deng et al., CVPR 2024), docs/algorithms/prdp.md.
 
 Each epoch: snapshot θ_old = θ; for N prompts sample B trajectories (DDIM η = 1, CFG); score them; compute
 reference log-probs under π_ref; then K times: regress the β-scaled reward differences of every pair

@@ -1,6 +1,6 @@
 """RPO: Reward Preference Optimization for subject-driven generation (Miao et al., NeurIPS 2024).
 
-shared/specs/rpo_lambda_harmonic.md §4–§7. Given 3–6 photos of a subject, fine-tune only the U-Net:
+docs/algorithms/rpo_lambda_harmonic.md §4–§7. Given 3–6 photos of a subject, fine-tune only the U-Net:
 
 1. once, before training: the frozen model generates ``negatives_per_prompt`` images for each of the novel
    training prompts ("a [V] dog on the Moon", ...), and the λ_train-Harmonic reward scores every reference photo

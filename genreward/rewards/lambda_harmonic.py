@@ -1,4 +1,4 @@
-"""λ-Harmonic reward of RPO (Miao et al., NeurIPS 2024; shared/specs/rpo_lambda_harmonic.md §3).
+"""λ-Harmonic reward of RPO (Miao et al., NeurIPS 2024; docs/algorithms/rpo_lambda_harmonic.md §3).
 
 Subject-driven generation must keep the subject's identity *and* follow the prompt. The reward scores both
 with one image–text embedding model and combines them so that neither can be traded away:

@@ -1,6 +1,6 @@
 """Reward shaping: wrappers that transform another reward's scores before a trainer sees them.
 
-Spec: shared/specs/vlmrm_par_shaping.md. Each registered shaping wraps an *inner* reward, given in a
+Spec: docs/algorithms/shaping.md. Each registered shaping wraps an *inner* reward, given in a
 config as ``reward: {name, options}`` (the same form as a trainer's ``reward:`` entries), and keeps the
 inner score under ``details["raw"]``:
 
