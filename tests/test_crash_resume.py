@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -361,7 +362,7 @@ def test_signal_stops_cleanly_with_a_checkpoint_that_resumes_exactly(baselines, 
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 128 + sig, stderr[-2000:]
     name = signal.Signals(sig).name
-    lines = [line for line in stderr.splitlines() if line.startswith("genreward:")]
+    lines = [line for line in re.split(r"[\r\n]", stderr) if line.startswith("genreward:")]  # tqdm uses \r
     assert len(lines) == 1 and name in lines[0] and "checkpoint" in lines[0], stderr[-2000:]
     assert "Traceback" not in stderr
     resumed = _train(config, out, "checkpoint.resume_from=latest")

@@ -378,3 +378,127 @@ class PerPromptStatTracker:
         self.stats = {
             str(prompt): deque((float(v) for v in values), maxlen=self.buffer_size) for prompt, values in state["stats"].items()
         }
+
+
+# --------------------------------------------------------------------------------------------- Flow-GRPO
+# Spec: docs/algorithms/flow_grpo.md §6 (group advantages, clipped ratio loss, KL to the base model).
+
+__all__ += ["group_advantages", "nonzero_advantage_mask", "grpo_loss", "flow_kl"]
+
+
+def group_advantages(
+    rewards: torch.Tensor | np.ndarray | Sequence[float],
+    group_ids: Sequence | torch.Tensor | np.ndarray | None,
+    global_std: bool = False,
+    eps: float = 1e-4,
+    clip: float | None = 5.0,
+) -> torch.Tensor | np.ndarray:
+    """Flow-GRPO advantages A = (r − mean_group)/(std + eps), clipped to ±``clip`` (flow_grpo.md §6.1).
+
+    ``group_ids`` (one hashable per reward: prompt text or an id; None = one group) defines the groups, gathered
+    over every rank. std is the population std of the group, or of all of the epoch's rewards with
+    ``global_std`` (the SD3 configs). A group whose rewards are all equal gets A = 0 exactly (so it can be
+    filtered by :func:`nonzero_advantage_mask`), also under ``global_std``. Non-finite rewards are left out of
+    every statistic and get A = 0. Statistics in float64; returned in the caller's container.
+    """
+    r = _to_numpy_rewards(rewards)
+    if group_ids is None:
+        keys: list = [0] * r.shape[0]
+    elif isinstance(group_ids, (torch.Tensor, np.ndarray)):
+        keys = np.asarray(group_ids.detach().cpu() if isinstance(group_ids, torch.Tensor) else group_ids).reshape(-1).tolist()
+    else:
+        keys = list(group_ids)
+    if len(keys) != r.shape[0]:
+        raise ValueError(f"got {len(keys)} group ids for {r.shape[0]} rewards")
+    if not eps > 0:
+        raise GenrewardError(f"advantage eps must be > 0, got {eps}")
+    finite = np.isfinite(r)
+    out = np.zeros_like(r)
+    if not finite.any():
+        return _like_input(out, rewards)
+    epoch_std = r[finite].std()
+    rows_of: dict = {}
+    for k, key in enumerate(keys):
+        if finite[k]:
+            rows_of.setdefault(key, []).append(k)
+    for rows in rows_of.values():
+        values = r[rows]
+        if values.max() == values.min():
+            continue  # constant group (or a single sample): no signal, exactly 0
+        std = epoch_std if global_std else values.std()
+        out[rows] = (values - values.mean()) / (std + eps)
+    if clip is not None:
+        out = np.clip(out, -clip, clip)
+    return _like_input(out, rewards)
+
+
+def nonzero_advantage_mask(
+    advantages: torch.Tensor, num_batches: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Flow-GRPO's sample filter (flow_grpo.md §6.2): keep samples whose advantage is not exactly 0 (over all
+    steps for [B, T]); if the kept count is not a multiple of ``num_batches``, re-add randomly chosen dropped
+    samples until it is (when enough were dropped). Returns a bool mask [B]."""
+    adv = torch.as_tensor(advantages)
+    keep = adv.reshape(adv.shape[0], -1).abs().sum(dim=1) != 0
+    count = int(keep.sum())
+    if num_batches < 1:
+        raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+    if count % num_batches:
+        dropped = torch.nonzero(~keep).reshape(-1)
+        missing = num_batches - count % num_batches
+        if dropped.numel() >= missing:
+            pick = torch.randperm(dropped.numel(), generator=generator)[:missing].to(dropped.device)
+            keep[dropped[pick]] = True
+    return keep
+
+
+def grpo_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_range: float,
+    adv_clip_max: float = 5.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Flow-GRPO's clipped policy loss for one trained step (flow_grpo.md §6.3).
+
+    ρ = exp(log p − log p_old) (old detached), A clamped to ±``adv_clip_max``;
+    loss = mean_b max(−A·ρ, −A·clamp(ρ, 1−ε, 1+ε)) in at least fp32. Stats (detached, 0-dim): approx_kl =
+    ½·mean((log p − log p_old)²), clipfrac = mean(|ρ − 1| > ε), ratio = mean ρ.
+    """
+    if log_prob.shape != old_log_prob.shape or log_prob.shape != advantages.shape:
+        raise ValueError(
+            f"log_prob {tuple(log_prob.shape)}, old_log_prob {tuple(old_log_prob.shape)} and advantages "
+            f"{tuple(advantages.shape)} must have the same shape"
+        )
+    if not clip_range >= 0:
+        raise GenrewardError(f"GRPO clip_range must be >= 0, got {clip_range}")
+    dtype = torch.promote_types(log_prob.dtype, torch.float32)
+    adv = advantages.detach().to(dtype).clamp(-adv_clip_max, adv_clip_max)
+    diff = log_prob.to(dtype) - old_log_prob.detach().to(dtype)
+    ratio = torch.exp(diff)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    stats = {
+        "approx_kl": 0.5 * (diff.detach() ** 2).mean(),
+        "clipfrac": ((ratio.detach() - 1.0).abs() > clip_range).to(dtype).mean(),
+        "ratio": ratio.detach().mean(),
+    }
+    return loss, stats
+
+
+def flow_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor | float) -> torch.Tensor:
+    """Flow-GRPO's KL term (flow_grpo.md §6.4): mean_b [ mean_d (μ_θ − μ_ref)² / (2 s²) ].
+
+    ``std`` is the std the step returned (per sample [B, 1, …] or [B], or a scalar): s_i for the 'sde' kernel,
+    so the term is |Δ_i| times the exact Gaussian KL per element. ``mean_ref`` is detached; at least fp32.
+    """
+    if mean.shape != mean_ref.shape:
+        raise ValueError(f"mean {tuple(mean.shape)} and mean_ref {tuple(mean_ref.shape)} must have the same shape")
+    dtype = torch.promote_types(mean.dtype, torch.float32)
+    diff = mean.to(dtype) - mean_ref.detach().to(dtype)
+    per_sample = reduce_elements(diff**2, "mean")
+    s = torch.as_tensor(std, device=mean.device).detach().to(dtype).reshape(-1)
+    if s.numel() not in (1, mean.shape[0]):
+        raise ValueError(f"std must be a scalar or per sample ({mean.shape[0]}), got shape {tuple(s.shape)}")
+    return (per_sample / (2 * s**2)).mean()

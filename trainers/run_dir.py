@@ -512,7 +512,7 @@ class RunDir:
                 raise KeyboardInterrupt
             self._stop_signal = signum
             name = signal.Signals(signum).name
-            print(f"{name} received: finishing the current {self.unit}, saving a checkpoint, then stopping "
+            print(f"\n{name} received: finishing the current {self.unit}, saving a checkpoint, then stopping "
                   "(send it again to stop at once)", file=sys.stderr, flush=True)
 
         for sig in signals:
