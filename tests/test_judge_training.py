@@ -120,7 +120,7 @@ def _config(tmp_path: Path, train: Path, eval_: Path, **train_overrides) -> Rewa
         "data": {"train": str(train), "eval": str(eval_)},
         "train": {"objective": "pointwise", "lr": 3e-3, "vision_lr_scale": 1.0, "epochs": 6, "batch_size": 8,
                   "eval_every": 0, "seed": 0, "device": "cpu", **train_overrides},
-        "checkpoint": {"every_epochs": 3},
+        "checkpoint": {"every": 12},  # steps: 3 epochs of 32 rows in batches of 8
     }
     cls, _ = get_trainer("reward_model")
     return config_from_dict(data, cls)
@@ -141,7 +141,8 @@ def test_trains_red_blue_resumes_and_round_trips(tmp_path: Path) -> None:
     records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["step"] == 0 and "heldout_accuracy" in records[0]
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
-    assert ckpts == ["step_12", "step_24"]
+    assert ckpts == ["checkpoint-12", "checkpoint-24"]
+    assert (tmp_path / "run" / "config.yaml").is_file()
 
     # the saved judge is the vlm_judge reward: same P(yes) as the trained weights give inside the trainer
     rows = load_judge_rows(eval_path, "pointwise")
@@ -151,15 +152,20 @@ def test_trains_red_blue_resumes_and_round_trips(tmp_path: Path) -> None:
     labels = torch.tensor([r["label"] for r in rows], dtype=torch.bool)
     assert ((scores > 0.5) == labels).float().mean().item() > 0.9
 
-    # resume from the step-12 checkpoint: continues to step 24 and ends with the same weights
+    # resume from the step-12 checkpoint: continues to step 24 and ends with exactly the same weights
+    from safetensors.torch import load_file
+
     resumed_dir = tmp_path / "resumed"
     resumed_cfg = _config(tmp_path, train_path, eval_path)
     resumed_cfg.output_dir = str(resumed_dir)
-    resumed_cfg.checkpoint.resume_from = str(tmp_path / "run" / "checkpoints" / "step_12")
+    resumed_cfg.checkpoint.resume_from = str(tmp_path / "run" / "checkpoints" / "checkpoint-12")
     again = train(resumed_cfg)
-    assert again["step"] == 24
+    assert again["step"] == 24 and again["loss"] == result["loss"]
+    a = load_file(str(tmp_path / "run" / "checkpoints" / "checkpoint-24" / "model.safetensors"))
+    b = load_file(str(resumed_dir / "checkpoints" / "checkpoint-24" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     reward2 = VLMJudge(model=again["judge_dir"], normalization="yes_no")
-    torch.testing.assert_close(reward2(images, [r["prompt"] for r in rows]).scores, scores, atol=1e-5, rtol=1e-4)
+    assert torch.equal(reward2(images, [r["prompt"] for r in rows]).scores, scores)
 
 
 def test_saved_judge_scores_equal_trained_model(tmp_path: Path) -> None:
@@ -354,3 +360,36 @@ def test_llava_effnet_judge_round_trip_and_frozen_tower(tmp_path: Path) -> None:
     (folder / "genreward_vlm.json").write_text('{"base": "tiny:nope"}')
     with pytest.raises(GenrewardError, match="unknown base 'tiny:nope'"):
         VLMJudge(model=str(folder))
+
+
+def test_frozen_tower_feature_cache_is_filled_once_in_a_fixed_order(tmp_path: Path) -> None:
+    """Resume exactness with a frozen tower: the cache keeps each image's features from the batch they were first
+    encoded in, and with 2+ threads a convolution's bits depend on that batch. Filled lazily, a resumed run
+    (empty cache, another epoch's order) got other bits than the uninterrupted one and its loss drifted in the
+    7th digit. ``prefill_feature_cache`` encodes every image up front in file order, so training never encodes
+    again and a batch's loss does not depend on what ran before it."""
+    import trainers.reward_model as rm
+    from genreward.rewards.vlm_judge import VLMJudge
+
+    rows = rm.load_judge_rows(_red_blue(tmp_path / "d", 12, seed=0), "pointwise")
+    cfg = rm.RewardTrainSection(freeze_vision_tower=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # where batch-dependent bits show up
+    try:
+        losses, caches = [], []
+        for history in ([], [[r] for r in rows[4:]]):  # B first sees images alone, as a late resume might
+            judge = VLMJudge(model="tiny:llava-effnet")
+            rm._make_trainable(judge, cfg)
+            images = rm._ImageCache(None)
+            assert rm.prefill_feature_cache(judge, images, rows) == 12
+            tower = judge.model.model.vision_tower
+            with torch.no_grad():
+                for batch in history:
+                    rm.batch_loss(judge, batch, images, cfg)
+                losses.append(rm.batch_loss(judge, rows, images, cfg))
+            assert len(tower.feature_cache) == 12  # training hit the cache for every image, encoded nothing
+            caches.append(tower.feature_cache)
+    finally:
+        torch.set_num_threads(threads)
+    assert caches[0].keys() == caches[1].keys() and all(torch.equal(caches[0][k], caches[1][k]) for k in caches[0])
+    assert torch.equal(losses[0], losses[1])

@@ -1,4 +1,4 @@
-"""sds3d: SDS (specs/vlm3d_sds.md §10 items 1–5), the VLM reward term (items 10–12; 11 on the library
+"""sds3d: SDS (docs/algorithms/vlm3d_sds.md §10 items 1–5), the VLM reward term (items 10–12; 11 on the library
 processor is also in tests/test_vlm_judge.py), a tiny end-to-end run, resume, config errors. Offline:
 tiny:sd + tiny:qwen2-vl with random weights.
 """
@@ -218,14 +218,23 @@ def _metrics(path: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "step_seconds"} for r in rows]
 
 
+def _grid(checkpoint: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(checkpoint / "grid.safetensors"))
+
+
 def test_tiny_run_outputs_and_resume_reproduces_uninterrupted(tmp_path: Path) -> None:
     steps = ["train.steps=6", "vlm.stop_step=4", "loss.lambda_vlm=[0,90.0,0.0,6]", "output.render_every=3",
              "guidance.min_step_percent=[0,0.98,0.02,6]", "guidance.max_step_percent=[0,0.98,0.5,6]"]
     full = tmp_path / "full"
-    result = train(_config(full, *steps, "output.checkpoint_every=3"))
+    result = train(_config(full, *steps, "checkpoint.every=3"))
     for name in ("turntable.gif", "turntable.mp4", "mesh.ply", "mesh.obj", "gallery.html", "config.yaml",
-                 "renders/step-000003.png", "renders/final.png", "checkpoints/step-000003/state.pt", "checkpoints/step-000006/state.pt"):
+                 "renders/step-000003.png", "renders/final.png", "checkpoints/checkpoint-3/grid.safetensors",
+                 "checkpoints/checkpoint-3/optimizer.safetensors", "checkpoints/checkpoint-6/manifest.json",
+                 "checkpoints/checkpoint-6/trainer_state.json"):
         assert (full / name).is_file() and (full / name).stat().st_size > 0, name
+    assert not list((full / "checkpoints").glob("*/*.pt"))  # no pickle anywhere
     assert "turntable.gif" in (full / "gallery.html").read_text()
     rows = _metrics(full / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(6))
@@ -240,14 +249,34 @@ def test_tiny_run_outputs_and_resume_reproduces_uninterrupted(tmp_path: Path) ->
 
     # interrupted after 3 steps, then resumed from the checkpoint
     part = tmp_path / "part"
-    train(_config(part, *steps, "train.steps=3", "output.mp4=false", "output.mesh=false", "output.gallery=false"))
-    train(_config(part, *steps, "output.resume=latest", "output.mp4=false", "output.mesh=false", "output.gallery=false"))
-    a = torch.load(full / "checkpoints/step-000006/state.pt", weights_only=True)
-    b = torch.load(part / "checkpoints/step-000006/state.pt", weights_only=True)
-    assert a["step"] == b["step"] == 6
-    for key in a["grid"]:
-        assert torch.equal(a["grid"][key], b["grid"][key]), key
+    quick = ["output.mp4=false", "output.mesh=false", "output.gallery=false"]
+    train(_config(part, *steps, "train.steps=3", *quick))
+    train(_config(part, *steps, "checkpoint.resume_from=latest", *quick))
+    state = json.loads((part / "checkpoints/checkpoint-6/trainer_state.json").read_text())
+    assert state["done"] == state["step"] == 6 and state["unit"] == "step"
+    a, b = _grid(full / "checkpoints/checkpoint-6"), _grid(part / "checkpoints/checkpoint-6")
+    assert set(a) == set(b) == {"density_raw", "color_raw", "background_fixed"}
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
     assert _metrics(full / "metrics.jsonl") == _metrics(part / "metrics.jsonl")
+
+
+def test_loss_is_sum_of_lambda_times_every_logged_term(tmp_path: Path) -> None:
+    """One generic loop: every term k logs loss_k and lambda_k, and loss = Σ λ_k·loss_k (incl. reward terms, tv)."""
+    config = _config(tmp_path, "loss.lambda_tv_density=0.5", "loss.lambda_tv_color=[0,0.0,1.0,4]", "vlm.stop_step=2",
+                     "rewards=[{name: clip_score, options: {model: tiny:clip}, weight: [0, 2.0, 1.0, 4]}]")
+    system = SDS3DSystem(config)
+    assert [t.name for t in system.terms] == ["sds", "clip_score", "vlm", "sparsity", "tv_density", "tv_color"]
+    seen = set()
+    for step in range(3):
+        record = system.step()
+        terms = [k[len("loss_"):] for k in record if k.startswith("loss_")]
+        seen.update(terms)
+        assert all(f"lambda_{k}" in record for k in terms)
+        assert record["loss"] == pytest.approx(sum(record[f"lambda_{k}"] * record[f"loss_{k}"] for k in terms), rel=1e-12, abs=0)
+        # a term whose λ is 0 at this step is not run (sparsity is always logged)
+        assert ("loss_tv_color" in record) == (step > 0) and ("loss_vlm" in record) == (step < 2)
+    assert seen == {"sds", "clip_score", "vlm", "sparsity", "tv_density", "tv_color"}
 
 
 # ------------------------------------------------------------------------ errors
@@ -280,8 +309,13 @@ def test_bad_config_values_are_one_line_errors_naming_key_and_value(tmp_path: Pa
 def test_registry_resume_and_mp4_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config_cls, fn = get_trainer("sds3d")
     assert config_cls is SDS3DConfig and fn is train
-    with pytest.raises(GenrewardError, match="no checkpoint"):
-        train(_config(tmp_path / "r", "output.resume=latest", "output.mp4=false"))
+    with pytest.raises(GenrewardError, match="is not a folder"):
+        train(_config(tmp_path / "r", f"checkpoint.resume_from={tmp_path / 'nope'}", "output.mp4=false"))
+    assert not (tmp_path / "r").exists()  # nothing written before the inputs are checked
+    for old, new in (("output.resume=latest", "checkpoint.resume_from"), ("output.checkpoint_every=5", "checkpoint.every")):
+        with pytest.raises(GenrewardError) as exc:
+            _config(tmp_path / "r", old)
+        assert f"use '{new}'" in str(exc.value) and old.split("=")[0] in str(exc.value), str(exc.value)
     monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # import fails
     with pytest.raises(GenrewardError, match="imageio-ffmpeg") as exc:
         train(_config(tmp_path / "m"))

@@ -6,21 +6,25 @@ queries (chat template, image tokens, first answer position) that the reward rea
 * ``pointwise`` — rows ``{"prompt", "image", "label"}``; CE on the "Yes"/"No" token.
 * ``pairwise`` — rows ``{"prompt", "chosen", "rejected"}``; "is image 2 better than image 1?" asked in both
   orders with flipped labels (position-bias control); reports P(2≻1)+P(1≻2) as a symmetry diagnostic.
-* ``bradley_terry`` — pairwise rows scored pointwise, s = ℓ_yes − ℓ_no, BT loss + small CE (spec §4).
+* ``bradley_terry`` — pairwise rows scored pointwise, s = ℓ_yes − ℓ_no, BT loss + small CE (docs/algorithms/rewarddance.md §4).
 
 The trained judge is written with ``save_pretrained`` to ``output_dir/judge`` (model + processor), loadable
 as ``vlm_judge(model=<output_dir>/judge)``. Single process (the judge forward calls the inner modules
 directly, which a DDP wrapper would bypass).
+
+The run folder is :class:`trainers.run_dir.RunDir` counting steps: ``checkpoints/checkpoint-<steps done>/``
+holds the trainable weights (safetensors), the optimiser, lr scheduler and RNG states (safetensors via
+``save_tree``) and the JSON trainer state; a resumed run is bitwise the uninterrupted one (same loss, same
+weights), which is why a frozen vision tower's feature cache is filled in a fixed order before training
+(:func:`prefill_feature_cache`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
 import time
-from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,11 +34,12 @@ import torch
 from genreward.data.judge_rows import majority_baseline
 from genreward.errors import GenrewardError
 from genreward.images import load_images
-from genreward.jsonl import append_jsonl, iter_jsonl
+from genreward.jsonl import iter_jsonl
 from genreward.models.vlm import save_genreward_vlm, tokenizer_of
 from genreward.rewards.vlm_judge import VLMJudge
-from trainers.common import CheckpointSection, LoggingSection, Timer, peak_rss_mb
+from trainers.common import LoggingSection, Timer, peak_rss_mb
 from trainers.losses_judge import answer_tokens_ce, pairwise_judge_loss, pointwise_bt_loss, yes_no_ce
+from trainers.run_dir import CheckpointSection, RunDir, fault_point, load_tree, rng_state, save_tree, set_rng_state
 
 log = logging.getLogger("genreward.reward_model")
 
@@ -101,6 +106,15 @@ class RewardTrainSection:
 
 
 @dataclass
+class JudgeCheckpointSection(CheckpointSection):
+    """``checkpoint.every`` counts optimiser steps here (``checkpoints/checkpoint-<steps done>/``)."""
+
+    every: int = 500
+
+    __moved_keys__ = {"every_epochs": "every (counted in steps now)"}
+
+
+@dataclass
 class RewardModelConfig:
     output_dir: str
     trainer: Literal["reward_model"] = "reward_model"
@@ -108,7 +122,7 @@ class RewardModelConfig:
     data: JudgeDataSection = field(default_factory=JudgeDataSection)
     judge: JudgeSection = field(default_factory=JudgeSection)
     train: RewardTrainSection = field(default_factory=RewardTrainSection)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    checkpoint: JudgeCheckpointSection = field(default_factory=JudgeCheckpointSection)
     logging: LoggingSection = field(default_factory=lambda: LoggingSection(trackers=[]))
 
 
@@ -356,9 +370,98 @@ def save_judge(judge: VLMJudge, peft_model: Any, folder: Path, frozen_tower: boo
 # ------------------------------------------------------------------------------------------------ loop
 
 
-def _latest_checkpoint(folder: Path) -> Path | None:
-    found = sorted(folder.glob("step_*"), key=lambda p: int(p.name.split("_")[1])) if folder.is_dir() else []
-    return found[-1] if found else None
+def _image_paths(rows: list[dict]) -> list[str]:
+    """Every distinct image path of ``rows``, in order of first appearance."""
+    seen: dict[str, None] = {}
+    for r in rows:
+        for key in ("image", "rejected", "chosen"):
+            if key in r:
+                seen.setdefault(r[key], None)
+    return list(seen)
+
+
+def prefill_feature_cache(judge: VLMJudge, images: _ImageCache, rows: list[dict], chunk: int = 32) -> int:
+    """Encode every distinct image of ``rows`` through a frozen tower's feature cache, in file order, in chunks
+    of ``chunk``; returns how many images were encoded (0 without such a cache).
+
+    Why: the cache keeps each image's features from the batch it was first encoded in, and with more than one
+    thread a convolution's result differs in the last bits with the batch it runs in. Filled lazily, a resumed
+    run (empty cache, no step-0 evaluation, a later epoch's order) got features that differ from the
+    uninterrupted run's in the last bits and its loss drifted in the 7th digit. Filled here, in the same order
+    and the same chunks by every run, the features (and so the run) are the same bit for bit.
+    """
+    towers = [m for m in judge.model.modules() if isinstance(getattr(m, "feature_cache", None), dict)]
+    if not towers:
+        return 0
+    pixels = [_units(judge, images(path))[0] for path in _image_paths(rows)]  # exactly what training feeds the tower
+    with torch.no_grad():
+        for tower in towers:
+            for start in range(0, len(pixels), chunk):
+                tower(torch.cat(pixels[start : start + chunk]))
+    return len(pixels)
+
+
+WEIGHTS_FILE = {"full": "model.safetensors", "lora": "adapter_model.safetensors"}
+
+
+def _trainable_state(model: torch.nn.Module, peft_model: Any) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint keeps: the trainable parameters (full) or the peft adapter state (LoRA)."""
+    if peft_model is not None:
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(peft_model)
+    else:
+        state = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+
+
+def _write_checkpoint(folder: Path, model: torch.nn.Module, peft_model: Any, trainable: str, optimizer: Any,
+                      scheduler: Any) -> None:
+    from safetensors.torch import save_file
+
+    save_file(_trainable_state(model, peft_model), str(folder / WEIGHTS_FILE[trainable]))
+    save_tree(optimizer.state_dict(), folder / "optimizer.safetensors")
+    save_tree(scheduler.state_dict(), folder / "scheduler.safetensors")
+    save_tree(rng_state(), folder / "rng.safetensors")
+
+
+def _load_checkpoint(folder: Path, model: torch.nn.Module, peft_model: Any, trainable: str, optimizer: Any,
+                     scheduler: Any, device: torch.device) -> None:
+    """Weights, optimiser, scheduler and RNG from a checkpoint; one-line errors naming the file."""
+    from safetensors.torch import load_file
+
+    file = folder / WEIGHTS_FILE[trainable]
+    if not file.is_file():
+        other = [f for f in WEIGHTS_FILE.values() if (folder / f).is_file()]
+        hint = f" (it holds {other[0]}: train.trainable differs from the run that saved it)" if other else ""
+        raise GenrewardError(f"{file} is missing{hint}")
+    try:
+        saved = load_file(str(file), device=str(device))
+    except Exception as exc:  # safetensors raises its own error types on a damaged file
+        raise GenrewardError(f"{file}: cannot read the weights ({type(exc).__name__})") from None
+    want = _trainable_state(model, peft_model)
+    if set(saved) != set(want):
+        missing = sorted(set(want) - set(saved)) or sorted(set(saved) - set(want))
+        raise GenrewardError(f"{file} does not fit this judge's trainable weights (first mismatch: {missing[0]}); "
+                             "resume with the model and train.trainable/freeze_vision_tower of the run that saved it")
+    if peft_model is not None:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(peft_model, saved)
+    else:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in saved.items():
+                if params[name].shape != tensor.shape:
+                    raise GenrewardError(f"{file}: {name} has shape {tuple(tensor.shape)}, the judge {tuple(params[name].shape)}")
+                params[name].copy_(tensor)
+    for name, load in (("optimizer", optimizer.load_state_dict), ("scheduler", scheduler.load_state_dict),
+                       ("rng", set_rng_state)):
+        path = folder / f"{name}.safetensors"
+        try:
+            load(load_tree(path, device if name == "optimizer" else "cpu"))
+        except Exception as exc:
+            raise GenrewardError(f"{path}: cannot load the {name} state ({type(exc).__name__})") from None
 
 
 def train(config: RewardModelConfig) -> dict:
@@ -368,17 +471,19 @@ def train(config: RewardModelConfig) -> dict:
 
     cfg = config.train
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_path, ckpt_dir = out / "metrics.jsonl", out / "checkpoints"
-    acc = Accelerator(cpu=cfg.device == "cpu")
-    if acc.num_processes > 1:
-        raise GenrewardError("trainer reward_model runs in a single process; launch it without accelerate multi-process")
-    set_seed(cfg.seed)
+    # every input is checked before the run folder is looked at, let alone written
     kind = "pointwise" if cfg.objective == "pointwise" else "pairwise"
     train_rows = load_judge_rows(config.data.train, kind)
     eval_rows = load_judge_rows(config.data.eval, kind) if config.data.eval else []
     if kind == "pointwise" and eval_rows and not any("label" in r for r in eval_rows):
         raise GenrewardError(f"judge eval file {config.data.eval} has no labelled (yes/no) rows to score")
+    acc = Accelerator(cpu=cfg.device == "cpu")
+    if acc.num_processes > 1:
+        raise GenrewardError("trainer reward_model runs in a single process; launch it without accelerate multi-process")
+    rd = RunDir(out, "step", config.checkpoint)
+    resume = rd.prepare()  # a conflicting folder or a damaged named checkpoint stops here, nothing written
+
+    set_seed(cfg.seed)
     labelled = [r for r in train_rows if "label" in r]
     baseline = majority_baseline(labelled, [r for r in eval_rows if "label" in r]) if kind == "pointwise" and eval_rows else 0.5
     images = _ImageCache(config.data.image_size)
@@ -397,16 +502,19 @@ def train(config: RewardModelConfig) -> dict:
         schedule = lambda i: 1.0  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     judge.model, optimizer, scheduler = acc.prepare(judge.model, optimizer, scheduler)
-    step = 0
-    resume = config.checkpoint.resume_from
-    if resume:
-        path = _latest_checkpoint(ckpt_dir) if resume == "latest" else Path(resume)
-        if path is not None:
-            if not path.is_dir():
-                raise GenrewardError(f"checkpoint folder not found: {path}")
-            acc.load_state(str(path))
-            step = json.loads((path / "progress.json").read_text())["step"]
-            log.info("resumed from %s at step %d", path, step)
+    model = acc.unwrap_model(judge.model)
+    prefill_feature_cache(judge, images, train_rows + eval_rows)
+
+    step, last_loss = 0, float("nan")
+    if resume is not None:
+        state = rd.load_state(resume)
+        _load_checkpoint(resume, model, peft_model, cfg.trainable, optimizer, scheduler, acc.device)
+        step, last_loss = int(state["done"]), float(state.get("loss", float("nan")))
+        if step > total:
+            raise GenrewardError(f"checkpoint {resume} is at step {step}, past this config's {total} steps")
+        log.info("resumed from %s at step %d", resume, step)
+    rd.start(config, resume)
+    rd.catch_signals()
 
     def do_eval(full: bool = False) -> dict:
         if not eval_rows:
@@ -414,54 +522,48 @@ def train(config: RewardModelConfig) -> dict:
         rows = eval_rows if full or not config.data.eval_subset else eval_rows[: config.data.eval_subset]
         return evaluate(judge, rows, images, cfg.objective)
 
+    def save(done: int) -> Path:
+        return rd.save(done, lambda folder: _write_checkpoint(folder, model, peft_model, cfg.trainable, optimizer, scheduler),
+                       {"step": done, "loss": last_loss, "total_steps": total, "trainable": cfg.trainable})
+
     start = time.perf_counter()
     timer = Timer()
-    if step == 0 and eval_rows:
-        append_jsonl(metrics_path, {"step": 0, "majority_baseline": baseline, **do_eval(), "wall_s": 0.0})
-    every_ckpt = config.checkpoint.every_epochs * steps_per_epoch
-    last_loss = float("nan")
-    while step < total:
-        epoch, offset = divmod(step, steps_per_epoch)
-        order = list(range(len(train_rows)))
-        random.Random(cfg.seed * 1_000_003 + epoch).shuffle(order)
-        batch = [train_rows[i] for i in order[offset * cfg.batch_size : (offset + 1) * cfg.batch_size]]
-        with timer("train"):
-            loss = batch_loss(judge, batch, images, cfg, config.judge.open_template)
-            acc.backward(loss)
-            if cfg.max_grad_norm > 0:
-                acc.clip_grad_norm_(judge.model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        step += 1
-        last_loss = float(loss.detach())
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
-            with timer("eval"):
-                record = {"step": step, "loss": last_loss, "majority_baseline": baseline, **do_eval(),
-                          "wall_s": round(time.perf_counter() - start, 2), "peak_rss_mb": round(peak_rss_mb(), 1)}
-            append_jsonl(metrics_path, record)
-            log.info("step %d %s", step, record)
-        if (every_ckpt and step % every_ckpt == 0) or step == total:
-            path = ckpt_dir / f"step_{step}"
-            acc.save_state(str(path))
-            (path / "progress.json").write_text(json.dumps({"step": step}))
-            _prune(ckpt_dir, config.checkpoint.total_limit)
+    try:
+        if step == 0 and eval_rows:
+            rd.log({"step": 0, "majority_baseline": baseline, **do_eval(), "wall_s": 0.0})
+        while step < total:
+            epoch, offset = divmod(step, steps_per_epoch)
+            order = list(range(len(train_rows)))
+            random.Random(cfg.seed * 1_000_003 + epoch).shuffle(order)
+            batch = [train_rows[i] for i in order[offset * cfg.batch_size : (offset + 1) * cfg.batch_size]]
+            with timer("train"):
+                loss = batch_loss(judge, batch, images, cfg, config.judge.open_template)
+                acc.backward(loss)
+                if cfg.max_grad_norm > 0:
+                    acc.clip_grad_norm_(judge.model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            step += 1
+            last_loss = float(loss.detach())
+            fault_point("unit")
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
+                with timer("eval"):
+                    record = {"step": step, "loss": last_loss, "majority_baseline": baseline, **do_eval(),
+                              "wall_s": round(time.perf_counter() - start, 2), "peak_rss_mb": round(peak_rss_mb(), 1)}
+                rd.log(record)
+                log.info("step %d %s", step, record)
+            saved = save(step) if rd.due(step, total) or step == total else None
+            if rd.stop_signal is not None:
+                raise rd.interrupted(saved or save(step))
+    finally:
+        rd.release_signals()
 
     judge.model.eval()
     final = do_eval(full=True)
     judge_dir = save_judge(judge, peft_model, out / "judge", frozen_tower=cfg.freeze_vision_tower)
     result = {"step": step, "loss": last_loss, "majority_baseline": baseline, **final,
               "wall_s": round(time.perf_counter() - start, 2), "seconds": {k: round(v, 2) for k, v in timer.seconds.items()},
-              "judge_dir": str(judge_dir), "metrics": str(metrics_path)}
-    append_jsonl(metrics_path, {"final": True, **{k: v for k, v in result.items() if k not in ("judge_dir", "metrics")}})
+              "judge_dir": str(judge_dir), "metrics": str(rd.metrics_path), "checkpoint": str(rd.checkpoint_path(step))}
+    rd.log({"final": True, **{k: v for k, v in result.items() if k not in ("judge_dir", "metrics", "checkpoint")}})
     return result
-
-
-def _prune(folder: Path, limit: int | None) -> None:
-    if not limit:
-        return
-    import shutil
-
-    found = sorted(folder.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-    for old in found[:-limit]:
-        shutil.rmtree(old)

@@ -3,7 +3,7 @@
 The renders are VAE-encoded *with* gradient, noised at a random timestep, and the frozen U-Net (under
 ``no_grad``) predicts the noise with classifier-free guidance. The gradient w(t)(ε̂ − ε) on the latents
 is applied through a surrogate loss ½‖z − sg(z − grad)‖²_sum / B, whose derivative w.r.t. z is exactly
-grad / B (specs/vlm3d_sds.md §2).
+grad / B (docs/algorithms/vlm3d_sds.md §2).
 
 CFG conventions (``cfg_convention``):
 

@@ -2,7 +2,7 @@
 
 Why a voxel grid: it renders 32–64 px images with gradients in a fraction of a second on a CPU, in
 pure PyTorch (no CUDA extension), so SDS and VLM losses can be unit-tested and run end to end offline
-(specs/vlm3d_sds.md §3). Axis convention (the classic bug source): a grid tensor ``[1, C, D, H, W]``
+(docs/algorithms/vlm3d_sds.md §3). Axis convention (the classic bug source): a grid tensor ``[1, C, D, H, W]``
 stores world ``z`` along D, ``y`` along H and ``x`` along W, so ``grid_sample`` coordinates are
 ``(x, y, z) / radius`` in that order, and voxel ``[..., k, j, i]`` sits at world ``(x_i, y_j, z_k)``
 (``align_corners=True``: the first and last voxels are on the cube faces ±radius).

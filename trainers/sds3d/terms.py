@@ -19,7 +19,7 @@ from genreward.rewards.vlm_judge import MULTIVIEW_CRITERIA, MULTIVIEW_TEMPLATE
 ARRANGEMENTS = ("separate", "grid2x2")
 FORMS = ("log_odds", "prob")
 
-# the same question as MULTIVIEW_TEMPLATE (specs/vlm3d_sds.md §4), worded for one tiled canvas
+# the same question as MULTIVIEW_TEMPLATE (docs/algorithms/vlm3d_sds.md §4), worded for one tiled canvas
 GRID_TEMPLATE = (
     "This image shows four views of one 3D object in a 2x2 grid. Considering all views together, does the "
     'object (1) match the description "{prompt}", and (2) look geometrically sound and consistent across views '

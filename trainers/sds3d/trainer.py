@@ -1,11 +1,15 @@
 """Text-to-3D training: SDS from a 2D diffusion prior + VLM3D's differentiable VLM reward (+ other rewards).
 
-One step (specs/vlm3d_sds.md §2–§4): sample cameras → render the voxel grid → each loss term computes
+One step (docs/algorithms/vlm3d_sds.md §2–§4): sample cameras → render the voxel grid → each loss term computes
 its loss on *detached copies* of the renders and back-propagates λ·loss into those pixels → one backward
 through the renderer with the summed pixel gradients (plus the regularisers). This is the same gradient
 as backward of Σ λ_k·loss_k, but each part (render, VAE encode, U-Net, VLM forward/backward) can be
-timed on its own. Every random draw of step s comes from a generator seeded by (train.seed, s), so a
-resumed run reproduces an uninterrupted one.
+timed on its own. Every term is a :class:`LossTerm` named ``k`` whose ``loss_k`` is weighted by ``lambda_k``
+in one loop (threestudio style), and the logged ``loss`` is exactly Σ λ_k·loss_k of the logged terms.
+
+Every random draw of step s comes from a generator seeded by (train.seed, s), so a resumed run reproduces an
+uninterrupted one bit for bit. The run folder (config, metrics, ``checkpoints/checkpoint-<steps done>/``
+with the grids and the optimiser as safetensors, resume, SIGINT/SIGTERM) is :class:`trainers.run_dir.RunDir`.
 """
 
 from __future__ import annotations
@@ -16,15 +20,14 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
-from genreward.config import save_config
 from genreward.errors import GenrewardError
-from genreward.jsonl import append_jsonl
 from genreward.models.device import resolve_device
 from trainers.common import Timer, derived_seed, peak_rss_mb
+from trainers.run_dir import CheckpointSection, RunDir, fault_point, load_tree, save_tree
 from trainers.sds3d.cameras import CameraBatch, orbit_cameras, sample_cameras, view_directions, view_prompt
 from trainers.sds3d.render import VoxelGrid, extract_mesh, render, sparsity_loss, total_variation
 from trainers.sds3d.schedules import Schedule, check_schedule, is_zero, scheduled
@@ -46,7 +49,7 @@ def _positive(obj: Any, section: str, *names: str) -> None:
 
 @dataclass
 class GridSection:
-    """The voxel grid (specs §3)."""
+    """The voxel grid (vlm3d_sds.md §3)."""
 
     resolution: int = 64
     radius: float = 1.0
@@ -112,7 +115,7 @@ class CameraSection:
 
 @dataclass
 class GuidanceSection:
-    """SDS from an SD-family pipeline (specs §2)."""
+    """SDS from an SD-family pipeline (vlm3d_sds.md §2)."""
 
     pipeline: str = "tiny:sd"
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
@@ -138,7 +141,7 @@ class GuidanceSection:
 
 @dataclass
 class VLMSection:
-    """The VLM3D judge term (specs §4)."""
+    """The VLM3D judge term (vlm3d_sds.md §4)."""
 
     enabled: bool = True
     model: str = "tiny:qwen2-vl"
@@ -225,8 +228,6 @@ class TrainSection3D:
 class OutputSection:
     render_every: int = 500  # multi-view strip renders/step-XXXXXX.png (0 = never)
     render_views: int = 4
-    checkpoint_every: int = 1000  # 0 = only at the end
-    resume: str | None = None  # "latest" or a checkpoint folder
     eval_resolution: int = 128
     eval_elevation: float = 15.0
     eval_distance: float = 1.5
@@ -239,10 +240,12 @@ class OutputSection:
     mesh_threshold: float = 5.0  # density level of the marching-cubes surface (the blob init spans 0…10)
     gallery: bool = True
 
+    # checkpointing moved to the run folder's own section, the same for every trainer
+    __moved_keys__ = {"resume": "checkpoint.resume_from", "checkpoint_every": "checkpoint.every"}
+
     def __post_init__(self) -> None:
-        for name in ("render_every", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"key 'output.{name}' must be >= 0, got {getattr(self, name)}")
+        if self.render_every < 0:
+            raise ValueError(f"key 'output.render_every' must be >= 0, got {self.render_every}")
         _positive(self, "output", "render_views", "eval_resolution", "eval_distance", "eval_fovy", "turntable_frames", "fps")
 
 
@@ -261,6 +264,8 @@ class SDS3DConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection3D = field(default_factory=TrainSection3D)
     output: OutputSection = field(default_factory=OutputSection)
+    # checkpoint.every counts steps: checkpoints/checkpoint-<steps done>/ (grids + optimiser, safetensors)
+    checkpoint: CheckpointSection = field(default_factory=lambda: CheckpointSection(every=1000))
 
     def __post_init__(self) -> None:
         if not self.prompt.strip():
@@ -271,6 +276,42 @@ class SDS3DConfig:
 
 
 # -------------------------------------------------------------------------------------------- the system
+
+
+@dataclass
+class StepContext:
+    """What the loss terms of one step see: its cameras, the training render and a detached copy of its pixels."""
+
+    step: int
+    generator: torch.Generator
+    jitter: torch.Generator | None
+    cams: CameraBatch
+    out: Any  # RenderOutput of the training cameras (with graph to the grids)
+    pixels: torch.Tensor  # out.rgb detached, requires_grad: terms on the renders back-propagate into it
+
+
+@dataclass
+class TermOutput:
+    """``loss`` (a scalar); ``on`` = the detached render copy it was computed from (λ·loss is back-propagated into
+    that copy at once, ``rgb`` is the copy's original with graph, ``grad_key`` names its logged gradient norm), or
+    None for a term on the graph itself (the regularisers: λ·loss joins the one backward through the renderer)."""
+
+    loss: torch.Tensor
+    details: dict[str, float] = field(default_factory=dict)
+    on: torch.Tensor | None = None
+    rgb: torch.Tensor | None = None
+    grad_key: str | None = None
+
+
+@dataclass
+class LossTerm:
+    """One term of the objective: ``loss_<name>`` weighted by ``lambda_<name>`` (see :meth:`SDS3DSystem.lambdas`).
+
+    A term with λ = 0 at a step is skipped, unless ``always`` (cheap diagnostics, e.g. the sparsity value)."""
+
+    name: str
+    compute: Callable[[StepContext], TermOutput]
+    always: bool = False
 
 
 class SDS3DSystem:
@@ -308,6 +349,7 @@ class SDS3DSystem:
         self.reward_terms = reward_terms if reward_terms is not None else [
             (spec, RewardTerm(spec.name, spec.options, spec.key)) for spec in config.rewards
         ]
+        self.terms = self.loss_terms()
 
     # ------------------------------------------------------------------ schedules
 
@@ -342,10 +384,64 @@ class SDS3DSystem:
         return orbit_cameras(self.cfg.vlm.num_views, float(cams.elevation[0]), float(cams.distance[0]),
                              math.degrees(float(cams.fovy[0])), float(cams.azimuth[0]))
 
+    # ------------------------------------------------------------------ loss terms
+
+    def loss_terms(self) -> list[LossTerm]:
+        """Every term, in the order it is applied (the order fixes the random draws and the summation order):
+        the terms on the training renders (sds, reward terms), the judge on its own views (vlm), the regularisers."""
+        terms: list[LossTerm] = []
+        if self.guidance is not None:
+            terms.append(LossTerm("sds", self._sds))
+        for spec, term in self.reward_terms:
+            terms.append(LossTerm(spec.key, self._reward(spec.key, term)))
+        if self.vlm_term is not None:
+            terms.append(LossTerm("vlm", self._vlm))
+        terms.append(LossTerm("sparsity", self._sparsity, always=True))
+        terms.append(LossTerm("tv_density", self._tv("density_raw")))
+        terms.append(LossTerm("tv_color", self._tv("color_raw")))
+        return terms
+
+    def _sds(self, ctx: StepContext) -> TermOutput:
+        sds = self.guidance(ctx.pixels, self.prompts(ctx.cams), ctx.step, ctx.generator, self.timer)
+        return TermOutput(sds["loss_sds"], {"t": float(sds["t"].float().mean())}, ctx.pixels, ctx.out.rgb, "pixel_grad_norm")
+
+    def _reward(self, key: str, term: Any) -> Callable[[StepContext], TermOutput]:
+        def compute(ctx: StepContext) -> TermOutput:
+            with self.timer(f"{key}_forward"):
+                loss, details = term(ctx.pixels, [self.cfg.prompt] * len(ctx.cams))
+            return TermOutput(loss, details, ctx.pixels, ctx.out.rgb, "pixel_grad_norm")
+
+        return compute
+
+    def _vlm(self, ctx: StepContext) -> TermOutput:
+        cfg = self.cfg
+        vres = cfg.vlm.render_resolution or cfg.render.resolution
+        with self.timer("render"):
+            vout = render(self.grid, self.vlm_cameras(ctx.cams), vres, vres, cfg.render.num_samples, generator=ctx.jitter)
+        views = vout.rgb.detach().requires_grad_(True)
+        with self.timer("vlm_forward"):
+            loss, details = self.vlm_term(views, cfg.prompt)
+        return TermOutput(loss, details, views, vout.rgb, "vlm_pixel_grad_norm")
+
+    def _sparsity(self, ctx: StepContext) -> TermOutput:
+        with self.timer("render"):
+            return TermOutput(sparsity_loss(ctx.out.opacity))
+
+    def _tv(self, attr: str) -> Callable[[StepContext], TermOutput]:
+        def compute(ctx: StepContext) -> TermOutput:
+            with self.timer("render"):
+                return TermOutput(total_variation(getattr(self.grid, attr)))
+
+        return compute
+
     # ------------------------------------------------------------------ one step
 
     def step(self) -> dict[str, float]:
-        """One optimisation step; returns the metrics record (every loss term, λ, timings)."""
+        """One optimisation step; returns the metrics record (every loss term, λ, timings).
+
+        Every term k gives ``loss_k``; ``loss`` = Σ λ_k·loss_k over the terms run. Terms on detached render copies
+        back-propagate λ_k·loss_k into their copy at once; one backward through the renderer then carries the
+        summed pixel gradients and the regularisers to the grids (the same gradient as backward of the sum)."""
         step = self.step_count
         cfg, timer = self.cfg, self.timer
         gen = self.generator(step)
@@ -358,60 +454,33 @@ class SDS3DSystem:
 
         with timer("render"):
             out = render(self.grid, cams, res, res, s, generator=jitter)
-        pixels = out.rgb.detach().requires_grad_(True)
-        pixel_parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        ctx = StepContext(step, gen, jitter, cams, out, out.rgb.detach().requires_grad_(True))
+        copies: list[TermOutput] = []  # one per detached render copy that received gradients, first-seen order
+        reg: torch.Tensor | None = None
         total = 0.0
-
-        if self.guidance is not None and lam["lambda_sds"] != 0:
-            sds = self.guidance(pixels, self.prompts(cams), step, gen, timer)
-            with timer("sds_backward"):
-                (lam["lambda_sds"] * sds["loss_sds"]).backward()
-            record["loss_sds"] = float(sds["loss_sds"].detach())
-            record["t"] = float(sds["t"].float().mean())
-            total += lam["lambda_sds"] * record["loss_sds"]
-        for spec, term in self.reward_terms:
-            if lam[f"lambda_{spec.key}"] == 0:
+        for term in self.terms:
+            weight = lam[f"lambda_{term.name}"]
+            if weight == 0 and not term.always:
                 continue
-            with timer(f"{spec.key}_forward"):
-                loss_r, details = term(pixels, [cfg.prompt] * len(cams))
-            with timer(f"{spec.key}_backward"):
-                (lam[f"lambda_{spec.key}"] * loss_r).backward()
-            record[f"loss_{spec.key}"] = float(loss_r.detach())
-            record.update(details)
-            total += lam[f"lambda_{spec.key}"] * record[f"loss_{spec.key}"]
-        if pixels.grad is not None:
-            record["pixel_grad_norm"] = float(pixels.grad.norm())
-            pixel_parts.append((out.rgb, pixels.grad))
-
-        if self.vlm_term is not None and lam["lambda_vlm"] != 0:
-            vres = cfg.vlm.render_resolution or res
-            with timer("render"):
-                vout = render(self.grid, self.vlm_cameras(cams), vres, vres, s, generator=jitter)
-            views = vout.rgb.detach().requires_grad_(True)
-            with timer("vlm_forward"):
-                loss_vlm, details = self.vlm_term(views, cfg.prompt)
-            with timer("vlm_backward"):
-                (lam["lambda_vlm"] * loss_vlm).backward()
-            record["loss_vlm"] = float(loss_vlm.detach())
-            record.update(details)
-            record["vlm_pixel_grad_norm"] = float(views.grad.norm())
-            total += lam["lambda_vlm"] * record["loss_vlm"]
-            pixel_parts.append((vout.rgb, views.grad))
+            term_out = term.compute(ctx)
+            if term_out.on is not None:
+                with timer(f"{term.name}_backward"):
+                    (weight * term_out.loss).backward()
+                if not any(c.on is term_out.on for c in copies):
+                    copies.append(term_out)
+            else:
+                reg = weight * term_out.loss if reg is None else reg + weight * term_out.loss
+            record[f"loss_{term.name}"] = float(term_out.loss.detach())
+            record.update(term_out.details)
+            total += weight * record[f"loss_{term.name}"]
+        for c in copies:
+            record[c.grad_key] = float(c.on.grad.norm())
 
         with timer("render"):
-            reg = lam["lambda_sparsity"] * sparsity_loss(out.opacity)
-            record["loss_sparsity"] = float(sparsity_loss(out.opacity.detach()))
-            if lam["lambda_tv_density"]:
-                tv_d = total_variation(self.grid.density_raw)
-                record["loss_tv_density"] = float(tv_d.detach())
-                reg = reg + lam["lambda_tv_density"] * tv_d
-            if lam["lambda_tv_color"]:
-                tv_c = total_variation(self.grid.color_raw)
-                record["loss_tv_color"] = float(tv_c.detach())
-                reg = reg + lam["lambda_tv_color"] * tv_c
-            surrogate = reg + sum((rgb * grad.to(rgb)).sum() for rgb, grad in pixel_parts)
-            surrogate.backward()
-            total += float(reg.detach())
+            pixel_part = sum((c.rgb * c.on.grad.to(c.rgb)).sum() for c in copies)
+            surrogate = pixel_part if reg is None else reg + pixel_part
+            if isinstance(surrogate, torch.Tensor):
+                surrogate.backward()
         with timer("optimizer"):
             self.optimizer.step()
         record["loss"] = total
@@ -430,34 +499,39 @@ class SDS3DSystem:
         frames = [render(self.grid, cams[i], resolution, resolution, self.cfg.render.num_samples).rgb for i in range(n)]
         return torch.cat(frames).clamp(0, 1).cpu()
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"grid": self.grid.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step_count}
+    GRID_FILE = "grid.safetensors"
+    OPTIMIZER_FILE = "optimizer.safetensors"
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.grid.load_state_dict(state["grid"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step_count = int(state["step"])
+    def write_checkpoint(self, folder: Path) -> None:
+        """The files of a checkpoint: ``grid.safetensors`` (every grid tensor by name) + ``optimizer.safetensors``."""
+        from safetensors.torch import save_file
 
-    def save_checkpoint(self, folder: str | Path) -> Path:
-        """``checkpoints/step-XXXXXX/state.pt`` (grid, optimiser, step) + ``trainer_state.json``."""
-        folder = Path(folder) / f"step-{self.step_count:06d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        torch.save(self.state_dict(), folder / "state.pt")
-        (folder / "trainer_state.json").write_text(json.dumps({"step": self.step_count, "prompt": self.cfg.prompt}), encoding="utf-8")
-        return folder
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.grid.state_dict().items()}, str(folder / self.GRID_FILE))
+        save_tree(self.optimizer.state_dict(), folder / self.OPTIMIZER_FILE)
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"step": self.step_count, "prompt": self.cfg.prompt, "grid_resolution": self.grid.resolution}
 
-def find_checkpoint(output_dir: str | Path, resume: str) -> Path:
-    """The checkpoint folder ``resume`` names (``latest`` = the highest step in ``output_dir/checkpoints``)."""
-    if resume == "latest":
-        found = sorted((Path(output_dir) / "checkpoints").glob("step-*/state.pt"))
-        if not found:
-            raise GenrewardError(f"output.resume=latest but no checkpoint in {Path(output_dir) / 'checkpoints'}")
-        return found[-1].parent
-    path = Path(resume)
-    if not (path / "state.pt").is_file():
-        raise GenrewardError(f"output.resume={resume!r}: no state.pt in that folder")
-    return path
+    def load_checkpoint(self, folder: Path, state: dict[str, Any]) -> None:
+        """Grids, optimiser and step from a checkpoint (one-line errors when it belongs to another run)."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if state.get("prompt", self.cfg.prompt) != self.cfg.prompt:
+            raise GenrewardError(f"checkpoint {folder} was trained for prompt {state['prompt']!r}, the config says "
+                                 f"{self.cfg.prompt!r}; resume with the same prompt or start another output_dir")
+        grid_file = folder / self.GRID_FILE
+        try:
+            tensors = load_file(str(grid_file), device=str(self.device))
+            self.grid.load_state_dict(tensors)
+        except (OSError, RuntimeError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise GenrewardError(f"{grid_file}: does not fit this config's grid ({first[:200]})") from None
+        try:
+            self.optimizer.load_state_dict(load_tree(folder / self.OPTIMIZER_FILE, self.device))
+        except (OSError, RuntimeError, ValueError, KeyError) as exc:
+            raise GenrewardError(f"{folder / self.OPTIMIZER_FILE}: cannot load the optimiser state ({type(exc).__name__})") from None
+        self.step_count = int(state["done"])
 
 
 def export_mesh(system: SDS3DSystem, out: Path) -> dict[str, str]:
@@ -483,52 +557,61 @@ def train(config: SDS3DConfig) -> dict:
 
     o = config.output
     if o.mp4:
-        check_mp4_support()
+        check_mp4_support()  # before anything is loaded or written
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out)
-    metrics_path = out / "metrics.jsonl"
+    rd = RunDir(out, "step", config.checkpoint)
+    resume = rd.prepare()  # a conflicting folder or a damaged named checkpoint stops here, nothing written
     start_wall = time.perf_counter()
     system = SDS3DSystem(config)
     load_s = time.perf_counter() - start_wall
-    if o.resume:
-        ckpt = find_checkpoint(out, o.resume)
-        system.load_state_dict(torch.load(ckpt / "state.pt", map_location=system.device, weights_only=True))
-        log.info("resumed from %s at step %d", ckpt, system.step_count)
-        if metrics_path.exists():  # drop records past the checkpoint so the file matches an uninterrupted run
-            lines = [l for l in metrics_path.read_text(encoding="utf-8").splitlines() if l.strip()]
-            keep = [l for l in lines if json.loads(l).get("step", -1) < system.step_count]
-            metrics_path.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
-    elif metrics_path.exists():
-        metrics_path.unlink()
+    if resume is not None:
+        system.load_checkpoint(resume, rd.load_state(resume))
+        log.info("resumed from %s at step %d", resume, system.step_count)
+    rd.start(config, resume)
+    rd.catch_signals()
 
     steps = config.train.steps
+    if system.step_count > steps:
+        raise GenrewardError(f"checkpoint {resume} is at step {system.step_count}, past train.steps={steps}")
+
+    def save(done: int) -> Path:
+        return rd.save(done, system.write_checkpoint, system.checkpoint_state())
+
     record: dict[str, float] = {}
     loop_start = time.perf_counter()
     first = system.step_count
-    with tqdm(total=steps, initial=system.step_count, desc="sds3d", unit="step") as bar:
-        while system.step_count < steps:
-            t0 = time.perf_counter()
-            record = system.step()
-            record["step_seconds"] = time.perf_counter() - t0
-            if not all(math.isfinite(v) for v in record.values() if isinstance(v, float)):
-                bad = {k: v for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)}
-                raise GenrewardError(f"sds3d step {record['step']}: non-finite values {bad}; lower optim.lr or the λ schedules")
-            if record["step"] % config.train.log_every == 0 or system.step_count == steps:
-                append_jsonl(metrics_path, record)
-            bar.set_postfix(loss=f"{record['loss']:.4g}")
-            bar.update(1)
-            done = system.step_count
-            if o.render_every and done % o.render_every == 0:
-                save_strip(system.render_orbit(o.render_views, o.eval_resolution), out / "renders" / f"step-{done:06d}.png")
-            if o.checkpoint_every and done % o.checkpoint_every == 0 and done < steps:
-                system.save_checkpoint(out / "checkpoints")
-    loop_s = time.perf_counter() - loop_start
-    system.save_checkpoint(out / "checkpoints")
+    try:
+        with tqdm(total=steps, initial=system.step_count, desc="sds3d", unit="step") as bar:
+            while system.step_count < steps:
+                t0 = time.perf_counter()
+                record = system.step()
+                record["step_seconds"] = time.perf_counter() - t0
+                if not all(math.isfinite(v) for v in record.values() if isinstance(v, float)):
+                    bad = {k: v for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)}
+                    raise GenrewardError(f"sds3d step {record['step']}: non-finite values {bad}; lower optim.lr or the λ schedules")
+                fault_point("unit")
+                done = system.step_count
+                if record["step"] % config.train.log_every == 0 or done == steps:
+                    rd.log(record)
+                bar.set_postfix(loss=f"{record['loss']:.4g}")
+                bar.update(1)
+                if o.render_every and done % o.render_every == 0:
+                    save_strip(system.render_orbit(o.render_views, o.eval_resolution), out / "renders" / f"step-{done:06d}.png")
+                saved = save(done) if rd.due(done, steps) or done == steps else None
+                if rd.stop_signal is not None:
+                    raise rd.interrupted(saved or save(done))
+        loop_s = time.perf_counter() - loop_start
+        if first == steps and resume != rd.checkpoint_path(steps):
+            save(steps)  # resumed from a final checkpoint elsewhere: this folder gets its own
+    finally:
+        rd.release_signals()
+    if not record:  # resumed from the final checkpoint: report the last logged step
+        rows = [r for r in rd.metrics() if "loss" in r]
+        record = rows[-1] if rows else {}
 
     result: dict[str, Any] = {"steps": steps, "steps_run": steps - first, "load_seconds": round(load_s, 2),
                               "loop_seconds": round(loop_s, 2),
-                              "iterations_per_second": round((steps - first) / loop_s, 3) if loop_s > 0 else None}
+                              "iterations_per_second": round((steps - first) / loop_s, 3) if loop_s > 0 and steps > first else None}
     t0 = time.perf_counter()
     final_views = system.render_orbit(o.render_views, o.eval_resolution)
     save_strip(final_views, out / "renders" / "final.png")
@@ -544,6 +627,7 @@ def train(config: SDS3DConfig) -> dict:
     result["export_seconds"] = round(time.perf_counter() - t0, 2)
     result["timing_seconds"] = {k: round(v, 3) for k, v in system.timer.seconds.items()}
     result["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    result["checkpoint"] = str(rd.checkpoint_path(steps))
     result["final"] = {k: round(v, 5) for k, v in record.items() if k.startswith(("loss", "vlm_"))}
     (out / "result.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     return result
