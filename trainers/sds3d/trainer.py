@@ -198,7 +198,9 @@ class LossSection:
 
 
 @dataclass
-class OptimSection:
+class GridOptimSection:
+    """Adam on the voxel grids (threestudio's grid-encoding settings); the diffusion trainers use ``trainers.common.OptimSection``."""
+
     lr: float = 0.01  # both grids (threestudio's grid-encoding lr)
     lr_background: float = 0.001
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
@@ -261,7 +263,7 @@ class SDS3DConfig:
     vlm: VLMSection = field(default_factory=VLMSection)
     rewards: list[RewardTermSpec] = field(default_factory=list)
     loss: LossSection = field(default_factory=LossSection)
-    optim: OptimSection = field(default_factory=OptimSection)
+    optim: GridOptimSection = field(default_factory=GridOptimSection)
     train: TrainSection3D = field(default_factory=TrainSection3D)
     output: OutputSection = field(default_factory=OutputSection)
     # checkpoint.every counts steps: checkpoints/checkpoint-<steps done>/ (grids + optimiser, safetensors)
