@@ -325,3 +325,15 @@ def test_ddpo_short_last_accumulation_group_is_averaged_over_its_own_size():
     div = accumulation_divisors(7, 3)
     groups = [div[i : i + 3] for i in range(0, 7, 3)]
     assert [sum(1 / d for d in g) for g in groups] == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.slow
+def test_two_processes_with_a_stateful_reward_share_its_statistics(tmp_path):
+    """meanstd under 2 processes: statistics are updated with both ranks' rewards (gather context), no hang,
+    and the checkpointed state counts every image of every rank."""
+    rc, output, out = _launch(tmp_path, 2, "meanstd2", extra=[
+        "reward.0.name=meanstd", "reward.0.options={reward: {name: jpeg_compressibility}}", "eval.enabled=false"])
+    assert rc == 0, output[-4000:]
+    state = json.loads((out / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())["objects"]["reward"]
+    counts = [c for c, _, _ in state["stats"].values()]
+    assert sum(counts) == 2 * 6  # 2 epochs × 2 prompts × 3 images, from both ranks (rank 0 alone would hold half)
