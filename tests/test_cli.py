@@ -112,8 +112,14 @@ def test_train_config_error_names_key_and_file(tmp_path):
 
 @pytest.mark.parametrize("config", ["prdp_sd14_small_hpsv2", "prdp_sd14_large_hpsv2", "prdp_sd14_multi", "ddpo_sd15_compressibility"])
 def test_paper_configs_load_and_fail_only_at_model_download(tmp_path, config):
-    """The paper configs are valid; offline, they stop with the clear offline-model message."""
+    """The paper configs are valid; offline, they stop with the clear offline-model message (the large setting's
+    prompt file is the user's to provide: inputs are checked before any model loads, so that comes first)."""
     proc = run_cli("train", f"configs/{config}.yaml", f"output_dir={tmp_path}", "model.device=cpu", "train.mixed_precision=no")
+    user_prompts = {"prdp_sd14_large_hpsv2": "data/hpdv2_train_prompts.txt", "prdp_sd14_multi": "data/pickapic_v1_train_prompts.txt"}
+    if config in user_prompts:
+        assert_one_line_error(proc, "prompt set not found", user_prompts[config])
+        proc = run_cli("train", f"configs/{config}.yaml", f"output_dir={tmp_path}", "model.device=cpu",
+                       "train.mixed_precision=no", "prompts.path=compositional", "prdp.prompts_per_epoch=8")
     assert_one_line_error(proc, "not in the local model cache", "hub")
 
 
