@@ -28,6 +28,7 @@ def test_cosine_recovers_the_noise_to_signal_ratio(load_bench):
     assert norm == pytest.approx((1 + per_trajectory_var / n) ** 0.5, rel=0.05)
 
 
+@pytest.mark.slow
 def test_runs_end_to_end_on_the_tiny_model(capsys, load_bench):
     bench = load_bench("prdp_gradient_snr")
     overrides = ["prdp.prompts_per_epoch=2", "prdp.images_per_prompt=3", "sample.num_steps=3", "model.device=cpu"]

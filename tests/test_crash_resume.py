@@ -145,6 +145,7 @@ def _kill_and_resume(baselines, tmp_path: Path, name: str, fault: str) -> None:
 
 
 # A kill during a checkpoint save, for every trainer (fast tier).
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["prdp", "ddpo", "rpo"])
 def test_sigkill_during_checkpoint_save_resumes_to_the_uninterrupted_run(baselines, tmp_path, name):
     _kill_and_resume(baselines, tmp_path, name, "save_files:2")
@@ -193,6 +194,7 @@ def _copy_run(src: Path, dst: Path) -> Path:
     return dst
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", DAMAGES)
 def test_damaged_newest_checkpoint_is_skipped_by_latest_and_named_one_fails_in_one_line(damaged_source, tmp_path, how):
     from trainers.run_dir import CheckpointSection, RunDir
@@ -221,6 +223,7 @@ def test_resume_after_damage_falls_back_and_reaches_the_uninterrupted_weights(da
     _assert_same_run(src, out, "prdp")
 
 
+@pytest.mark.slow
 def test_named_damaged_checkpoint_exits_with_one_line_and_no_traceback(damaged_source, tmp_path):
     config, src = damaged_source
     out = _copy_run(src, tmp_path / "run")
@@ -253,6 +256,7 @@ def test_torn_last_metrics_line_is_dropped_on_resume(tmp_path):
 # ----------------------------------------------------------------------------------- no code on load
 
 
+@pytest.mark.slow
 def test_crafted_pickle_in_a_checkpoint_is_never_loaded(damaged_source, tmp_path):
     """accelerate's register_for_checkpointing unpickled custom_checkpoint_0.pkl on resume; nothing loads pickles now."""
     config, src = damaged_source
@@ -272,6 +276,7 @@ def test_crafted_pickle_in_a_checkpoint_is_never_loaded(damaged_source, tmp_path
     assert not marker.exists(), "a pickle in a checkpoint folder was executed"
 
 
+@pytest.mark.slow
 def test_checkpoint_state_files_are_json_and_safetensors_only(damaged_source):
     _, src = damaged_source
     names = {p.name for p in (src / "checkpoints" / "checkpoint-3").iterdir()}
@@ -282,6 +287,7 @@ def test_checkpoint_state_files_are_json_and_safetensors_only(damaged_source):
 # ----------------------------------------------------------------------------------- fresh runs never mix
 
 
+@pytest.mark.slow
 def test_fresh_run_into_an_earlier_run_folder_stops_and_changes_nothing(damaged_source, tmp_path):
     config, src = damaged_source
     out = _copy_run(src, tmp_path / "run")
@@ -293,6 +299,7 @@ def test_fresh_run_into_an_earlier_run_folder_stops_and_changes_nothing(damaged_
     assert _sha(out) == before
 
 
+@pytest.mark.slow
 def test_bad_prompt_path_never_touches_an_earlier_run(damaged_source, tmp_path):
     config, src = damaged_source
     out = _copy_run(src, tmp_path / "run")
@@ -368,3 +375,64 @@ def test_signal_stops_cleanly_with_a_checkpoint_that_resumes_exactly(baselines, 
     resumed = _train(config, out, "checkpoint.resume_from=latest")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     _assert_same_run(reference, out, "prdp")
+
+
+@pytest.fixture
+def synthetic_run(tmp_path):
+    """A run folder with checkpoint-1..3 written by RunDir.save (small safetensors files), no training needed."""
+    from safetensors.torch import save_file
+
+    from trainers.run_dir import CheckpointSection, RunDir, save_tree
+
+    rd = RunDir(tmp_path / "run", "epoch", CheckpointSection())
+    rd.start({"trainer": "synthetic"}, None)
+    for done in (1, 2, 3):
+        rd.log({"epoch": done - 1})
+
+        def files(folder, done=done):
+            save_file({"w": torch.full((64,), float(done))}, str(folder / "pytorch_lora_weights.safetensors"))
+            save_tree({"state": {0: {"step": torch.tensor(float(done))}}}, folder / "optimizer.safetensors")
+
+        rd.save(done, files, {"extra": {}})
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_latest_skips_a_damaged_newest_checkpoint_and_a_named_one_fails_in_one_line(synthetic_run, how):
+    from genreward.errors import GenrewardError
+    from trainers.run_dir import CheckpointSection, RunDir
+
+    _damage(synthetic_run / "checkpoints" / "checkpoint-3", how)
+    assert RunDir(synthetic_run, "epoch", CheckpointSection(resume_from="latest")).prepare() == synthetic_run / "checkpoints" / "checkpoint-2"
+    named = RunDir(synthetic_run, "epoch", CheckpointSection(resume_from=str(synthetic_run / "checkpoints" / "checkpoint-3")))
+    with pytest.raises(GenrewardError) as err:
+        named.prepare()
+    assert "checkpoint-3" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_fresh_run_into_a_run_folder_is_refused_before_anything_is_written(synthetic_run):
+    from genreward.errors import GenrewardError
+    from trainers.run_dir import CheckpointSection, RunDir
+
+    before = _sha(synthetic_run)
+    with pytest.raises(GenrewardError, match="holds an earlier run"):
+        RunDir(synthetic_run, "epoch", CheckpointSection()).prepare()
+    assert _sha(synthetic_run) == before
+
+
+def test_a_crafted_pickle_next_to_the_state_is_ignored_by_the_loaders(synthetic_run, tmp_path):
+    """load_tree reads safetensors only; files accelerate would unpickle are never opened."""
+    import pickle
+
+    from trainers.run_dir import load_tree
+
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    ckpt = synthetic_run / "checkpoints" / "checkpoint-3"
+    (ckpt / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(Exploit()))
+    state = load_tree(ckpt / "optimizer.safetensors")
+    assert float(state["state"][0]["step"]) == 3.0 and not marker.exists()

@@ -182,6 +182,7 @@ def _kill_and_resume(references, out: Path, name: str, fault: str) -> None:
 # ------------------------------------------------------------------------------------------------ kills
 
 
+@pytest.mark.slow
 def test_reference_runs_write_the_run_folder(references):
     for name, (_, out) in references.items():
         done = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").iterdir())
@@ -196,6 +197,7 @@ def test_reference_runs_write_the_run_folder(references):
     assert (references["reward_model"][1] / "judge").is_dir()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["sds3d", "reward_model"])
 def test_sigkill_after_a_metrics_row_resumes_to_the_uninterrupted_run(references, tmp_path, name):
     _kill_and_resume(references, tmp_path / "run", name, FAST_FAULT)

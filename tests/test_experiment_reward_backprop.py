@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 
@@ -30,6 +31,7 @@ def test_sampler_draws_the_library_sampler_images_and_backprops(tiny_pipe, load_
     assert latent.grad is not None and latent.grad.abs().item() > 0
 
 
+@pytest.mark.slow
 def test_runs_end_to_end(capsys, load_experiment):
     script = load_experiment("world_reward_backprop")
     assert script.main(["--max-steps", "2", "--eval-images", "1", "--prompts-per-step", "2", "--images-per-prompt", "2"]) == 0

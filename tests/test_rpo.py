@@ -232,6 +232,7 @@ def learned_run(tmp_path_factory, refs_dir):
     return config, train(config)
 
 
+@pytest.mark.slow
 def test_tiny_run_learns_the_subject_and_selects_the_best_checkpoint(learned_run):
     config, result = learned_run
     out = Path(config.output_dir)
@@ -277,6 +278,7 @@ def test_tiny_run_outputs(learned_run):
     assert labels["lambda_train"] == 0.0 and len(labels["references"]) == 4 and len(labels["references"][0]) == 2
 
 
+@pytest.mark.slow
 def test_checkpoint_resume_matches_an_uninterrupted_run(tmp_path, refs_dir):
     common = ("rpo.validation_every=2", "eval.enabled=false", "train.trainable=lora", "train.lora.rank=4", "checkpoint.total_limit=3")
     full = _tiny(tmp_path, "full", refs_dir, "rpo.max_train_steps=4", *common)

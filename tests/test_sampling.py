@@ -202,6 +202,7 @@ def test_fp32_recomputed_importance_ratio_is_exactly_one(tiny_pipe):
     assert torch.exp(delta).eq(1.0).all()
 
 
+@pytest.mark.slow
 def test_low_precision_recomputed_importance_ratio_is_exactly_one(low_precision_pipe):
     """fp16 and bf16 on CPU: the stored latents are in the model dtype and the recorded log-probs are the
     densities at those stored values, so recomputing gives |Δ log p| = 0 (measured: 0 for both, any step count).

@@ -106,13 +106,14 @@ def test_prompt_set_smaller_than_n_is_clear_error(tmp_path):
 def test_unknown_trainer_and_reward_names(tmp_path):
     from trainers import get_trainer
 
-    with pytest.raises(GenrewardError, match=r"unknown trainer 'prdpp'.*available trainers: ddpo, prdp"):
+    with pytest.raises(GenrewardError, match=r"unknown trainer 'prdpp'.*available trainers: ddpo, nft, prdp"):
         get_trainer("prdpp")
     config, train = _config(tmp_path, ["reward.0.name=not_a_reward"])
     with pytest.raises(GenrewardError, match=r"unknown reward 'not_a_reward'"):
         train(config)
 
 
+@pytest.mark.slow
 def test_resume_gives_identical_weights_and_metrics(tmp_path):
     """Train 4 epochs; versus train 2, stop, resume from the latest checkpoint, train 2 more."""
     from safetensors.torch import load_file
@@ -134,6 +135,7 @@ def test_resume_gives_identical_weights_and_metrics(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_saved_lora_reloads_as_the_finetuned_model(tmp_path):
     """pipe.load_lora_weights(checkpoint) reproduces the fine-tuned samples, not the base model's."""
     from genreward.images import load_images
@@ -230,6 +232,7 @@ def test_stateful_reward_state_is_checkpointed(tmp_path):
     assert state["stats"] and all(v[0] == 3 for v in state["stats"].values())  # 3 images per prompt seen
 
 
+@pytest.mark.slow
 def test_reward_variance_monitor_keys(tmp_path):
     """docs/algorithms/rewarddance.md §5, §8 item 8: within-prompt std and the sliding-window std of the epoch mean."""
     from types import SimpleNamespace
@@ -260,6 +263,7 @@ def test_reward_variance_monitor_keys(tmp_path):
     assert rec["reward_std_within_prompt"] == pytest.approx((0.5 + 2.0) / 2)
 
 
+@pytest.mark.slow
 def test_prdp_with_vlm_judge_reward_config(tmp_path):
     """configs/prdp_tiny_judge.yaml: the yes-token judge as PRDP's black-box reward, end to end (shortened)."""
     import subprocess

@@ -32,6 +32,7 @@ def test_agreement_clean_and_noisy_32(caption_type):
     assert _agreement(caption_type, noise=NOISE_SIGMA) >= 0.99
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("caption_type", W.CAPTION_TYPES)
 def test_agreement_64_and_upscaled_256(caption_type):
     assert _agreement(caption_type, size=64, seed=12) >= 0.99

@@ -36,6 +36,7 @@ def test_write_split_is_deterministic(tmp_path: Path) -> None:
     assert len(rows) == 36 and all((tmp_path / "a" / r["image"]).is_file() for r in rows)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("noise, floor", [(0.0, 0.82), (0.05, 0.85)])
 def test_shipped_world_judge_accuracy(noise: float, floor: float) -> None:
     """world:shapes-judge on unseen scenes of training-distribution captions (documented in

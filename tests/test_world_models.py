@@ -37,6 +37,7 @@ def world_pipe():
     return load_pipeline("world:shapes-t2i", device="cpu", dtype="fp32")
 
 
+@pytest.mark.slow
 def test_shipped_t2i_reproduces_documented_single_pass_rate(world_pipe):
     from genreward.rewards import build
     from genreward.sampling import sample_trajectories
@@ -53,6 +54,7 @@ def test_shipped_t2i_reproduces_documented_single_pass_rate(world_pipe):
     assert abs(rate - T2I_SINGLE_PASS_48) <= T2I_TOLERANCE, rate
 
 
+@pytest.mark.slow
 def test_shipped_t2i_follows_captions_better_than_chance(world_pipe):
     """The same images scored against a shuffled caption pass far less often: the model reads the text."""
     from genreward.rewards import build
@@ -117,6 +119,7 @@ def test_shipped_weights_are_small_safetensors():
         assert (folder / "README.md").is_file()
 
 
+@pytest.mark.slow
 def test_train_t2i_runs_end_to_end(tmp_path):
     from genreward.sampling import sample_trajectories
     from genreward.world import train_t2i

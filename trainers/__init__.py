@@ -17,6 +17,7 @@ TRAINERS: dict[str, tuple[str, str]] = {
     "reward_model": ("trainers.reward_model", "RewardModelConfig"),
     "rpo": ("trainers.rpo", "RPOConfig"),
     "sds3d": ("trainers.sds3d", "SDS3DConfig"),
+    "nft": ("trainers.nft", "NFTConfig"),
 }
 
 

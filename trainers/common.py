@@ -25,18 +25,19 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
 
-from genreward.config import to_dict
+from genreward.config import check_output_dir, to_dict
 from genreward.errors import GenrewardError
 from genreward.jsonl import read_jsonl
 from genreward.models.device import resolve_dtype
+from genreward.models.hub import first_line
 from genreward.prompts import PromptItem, load_prompts
 from genreward.rewards.base import Reward, RewardSpec, build_from_spec
-from genreward.sampling import Trajectory, sample_trajectories
+from genreward.sampling import Trajectory, check_image_size, sample_trajectories
 from genreward.schema import EvalSection, ModelConfig, PromptsConfig, SampleConfig
 from trainers import passes
 from trainers.run_dir import CheckpointSection, RunDir, load_tree, rng_state, save_tree, set_rng_state
@@ -57,6 +58,16 @@ class LoraSection:
     alpha: float | None = None
     targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS_DEFAULT))
     dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"key 'train.lora.rank' must be >= 1, got {self.rank}")
+        if self.alpha is not None and not self.alpha > 0:
+            raise ValueError(f"key 'train.lora.alpha' must be > 0 or null (= rank), got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"key 'train.lora.dropout' must be in [0, 1), got {self.dropout}")
+        if not self.targets:
+            raise ValueError(f"key 'train.lora.targets' must name at least one module, e.g. {LORA_TARGETS_DEFAULT}")
 
 
 @dataclass
@@ -85,6 +96,9 @@ class TrainSection:
     attention: Literal["sdpa", "xformers"] = "sdpa"
     seed: int = 0
     chunk_size: int = 8  # trajectories per U-Net call in the log-prob passes (memory, not the gradient batch)
+    # PRDP/DDPO stop (one line, exit 2) after this many consecutive epochs in which no reward was finite
+    # (a broken reward or a diverged policy would otherwise train on nothing to the end); 0 = never stop
+    max_nonfinite_epochs: int = 3
 
     __moved_keys__ = {
         "batch_size": "train.chunk_size (trajectories per U-Net call in log-prob passes); DDPO's gradient "
@@ -94,6 +108,8 @@ class TrainSection:
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
             raise ValueError(f"key 'train.chunk_size' must be >= 1, got {self.chunk_size}")
+        if self.max_nonfinite_epochs < 0:
+            raise ValueError(f"key 'train.max_nonfinite_epochs' must be >= 0 (0 = never stop), got {self.max_nonfinite_epochs}")
 
 
 @dataclass
@@ -237,8 +253,11 @@ class TrainingRun:
         self._train_mode = train_mode
         logging_cfg = config.logging
         trackers = [t for t in logging_cfg.trackers if self._tracker_available(t)]
+        check_output_dir(self.output_dir)  # under a file, unwritable: one line before anything loads
         self.run_dir = RunDir(self.output_dir, unit, config.checkpoint)
         resume = self.run_dir.prepare()  # raises on a conflicting folder / damaged named checkpoint; writes nothing
+        if resume is not None:
+            self._check_checkpoint_kind(resume)  # rank / trainable mismatch: one line, before the models load
         self.accelerator = Accelerator(
             mixed_precision=self.train_cfg.mixed_precision,
             cpu=self.model_cfg.device == "cpu",
@@ -258,18 +277,26 @@ class TrainingRun:
             torch.backends.cudnn.allow_tf32 = True
         set_seed(self.train_cfg.seed, device_specific=False)
         self._load_models(need_reference)
-        # Inputs are valid and the models loaded: now the run folder may change.
-        self.run_dir.start(config, resume)
-        acc.wait_for_everyone()
-        if trackers:
-            acc.init_trackers(logging_cfg.project, config=_flat("", to_dict(config), {}))
+        check_image_size(self.pipe, self.sample_cfg.height, self.sample_cfg.width, unet=self.policy, prefix="sample.")
         self.reward_means: list[float] = []  # reward_mean per logged epoch (sliding-window diagnostics)
         self.resume_path: Path | None = resume
         self.resume_state: dict[str, Any] = {}
         self.start = 0
+        self._nonfinite_epochs = 0  # consecutive epochs without one finite reward (train.max_nonfinite_epochs)
         if resume is not None:
-            self._load_checkpoint(resume)
+            self._load_checkpoint(resume)  # a checkpoint that does not fit stops here, the folder untouched
+        # Inputs are valid, the models and the checkpoint loaded: now the run folder may change.
+        self.run_dir.start(config, resume)
+        if resume is not None:
+            self.reward_means = [r["reward_mean"] for r in self.run_dir.metrics() if r.get("reward_mean") is not None]
+        acc.wait_for_everyone()
+        if trackers:
+            acc.init_trackers(logging_cfg.project, config=_flat("", to_dict(config), {}))
         self.last_saved = self.start if resume is not None else None
+        # Trainer hooks: writers of extra checkpoint files (called with the folder being written, before its
+        # manifest; e.g. NFT's old policy and EMA as safetensors) and a context manager active during evaluation.
+        self.extra_checkpoint_writers: list[Callable[[Path], None]] = []
+        self.eval_weights: Callable[[], contextlib.AbstractContextManager] | None = None
         self.run_dir.catch_signals()
 
     @staticmethod
@@ -331,15 +358,21 @@ class TrainingRun:
         if cfg.trainable == "lora":
             from peft import LoraConfig
 
-            unet.add_adapter(
-                LoraConfig(
-                    r=cfg.lora.rank,
-                    lora_alpha=cfg.lora.alpha if cfg.lora.alpha is not None else cfg.lora.rank,
-                    lora_dropout=cfg.lora.dropout,
-                    init_lora_weights="gaussian",
-                    target_modules=list(cfg.lora.targets),
+            try:
+                unet.add_adapter(
+                    LoraConfig(
+                        r=cfg.lora.rank,
+                        lora_alpha=cfg.lora.alpha if cfg.lora.alpha is not None else cfg.lora.rank,
+                        lora_dropout=cfg.lora.dropout,
+                        init_lora_weights="gaussian",
+                        target_modules=list(cfg.lora.targets),
+                    )
                 )
-            )
+            except ValueError as exc:  # peft: no module matches (NoMatchingPeftModuleError), unsupported layer type
+                raise GenrewardError(
+                    f"train.lora.targets={list(cfg.lora.targets)} does not fit the U-Net of {self.model_cfg.pipeline!r}: "
+                    f"{first_line(exc, 160)} (module names end with e.g. {', '.join(LORA_TARGETS_DEFAULT)})"
+                ) from None
             for p in unet.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()  # LoRA weights train in fp32 even when the base is fp16/bf16
@@ -455,6 +488,28 @@ class TrainingRun:
     def gather_rewards(self, rewards: torch.Tensor) -> torch.Tensor:
         return self.accelerator.gather(rewards.contiguous())
 
+    def check_finite_rewards(self, rewards: torch.Tensor, epoch: int, reward_name: str) -> None:
+        """After an epoch is logged: stop with one line once ``train.max_nonfinite_epochs`` consecutive epochs had no
+        finite reward on any process (a broken reward, or NaN images from a diverged policy, trains on nothing).
+        Epoch ``epoch`` is 0-based; the stop happens at a unit boundary, like a signal's, without a new checkpoint."""
+        limit = self.train_cfg.max_nonfinite_epochs
+        count = torch.isfinite(rewards.detach().float()).sum().reshape(1).to(self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            count = self.accelerator.gather(count)
+        self._nonfinite_epochs = self._nonfinite_epochs + 1 if float(count.sum()) == 0 else 0
+        if not limit or self._nonfinite_epochs < limit:
+            return
+        first, last = epoch + 2 - self._nonfinite_epochs, epoch + 1
+        self.run_dir.release_signals()
+        self.accelerator.end_training()
+        resume = (f"; the last checkpoint is {self.run_dir.checkpoint_path(self.last_saved)}"
+                  if self.last_saved is not None else "")
+        raise GenrewardError(
+            f"reward {reward_name!r} gave no finite score (all NaN/inf) in {self._nonfinite_epochs} epochs in a row "
+            f"(epochs {first}-{last}; see {self.metrics_path}): check the reward, or the images for NaN (a diverged "
+            f"policy); stopped by train.max_nonfinite_epochs={limit} (0 = never stop){resume}"
+        )
+
     # --------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, done: int, extra: dict | None = None) -> Path:
         """``checkpoints/checkpoint-<done>``: diffusers-format weights, optimiser/RNG state (safetensors), trainer
@@ -467,6 +522,8 @@ class TrainingRun:
             save_unet_weights(policy, folder, trainable)
             save_tree(self.optimizer.state_dict(), folder / "optimizer.safetensors")
             save_tree(rng_state(), folder / "rng.safetensors")
+            for writer in self.extra_checkpoint_writers:
+                writer(folder)
 
         state: dict[str, Any] = {"extra": extra or {},
                                  "objects": {name: obj.state_dict() for name, obj in self.checkpoint_objects.items()}}
@@ -477,8 +534,26 @@ class TrainingRun:
         acc.wait_for_everyone()
         return path
 
+    def _check_checkpoint_kind(self, path: Path) -> None:
+        """Before anything loads: the checkpoint holds what ``train.trainable`` (and, for LoRA, ``train.lora.rank``)
+        says, else one line naming the setting to change."""
+        trainable = self.train_cfg.trainable
+        lora_file = Path(path) / LORA_WEIGHTS_FILE
+        held = "lora" if lora_file.is_file() else "full" if (Path(path) / "unet").is_dir() else None
+        if held is not None and held != trainable:
+            what = "LoRA weights" if held == "lora" else "a full U-Net (unet/)"
+            raise GenrewardError(f"checkpoint {path} holds {what} but train.trainable is {trainable!r}; "
+                                 f"resume with train.trainable={held}")
+        if held == "lora":
+            rank = lora_rank(lora_file)
+            if rank is not None and rank != self.train_cfg.lora.rank:
+                raise GenrewardError(f"checkpoint {path} has LoRA rank {rank} but train.lora.rank is "
+                                     f"{self.train_cfg.lora.rank}; resume with train.lora.rank={rank}")
+
     def _load_checkpoint(self, path: Path) -> None:
-        """Restore weights, optimiser, RNG, grad scaler and checkpoint objects on this rank (no pickle anywhere)."""
+        """Restore weights, optimiser, RNG, grad scaler and checkpoint objects on this rank (no pickle anywhere).
+
+        Runs before the run folder is written (:meth:`RunDir.start`), so a checkpoint that does not fit leaves it as it was."""
         acc = self.accelerator
         state = self.run_dir.load_state(path)
         try:
@@ -488,7 +563,7 @@ class TrainingRun:
         except GenrewardError:
             raise
         except Exception as exc:  # a checkpoint of another model / trainable setting
-            raise GenrewardError(f"checkpoint {path} does not fit this run ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+            raise GenrewardError(f"checkpoint {path} does not fit this run ({type(exc).__name__}: {first_line(exc)})") from None
         if "grad_scaler" in state and getattr(acc, "scaler", None) is not None:
             acc.scaler.load_state_dict(state["grad_scaler"])
         for name, obj in self.checkpoint_objects.items():
@@ -496,7 +571,6 @@ class TrainingRun:
                 obj.load_state_dict(state["objects"][name])
         self.resume_state = state.get("extra", {})
         self.start = int(state["done"])
-        self.reward_means = [r["reward_mean"] for r in self.run_dir.metrics() if r.get("reward_mean") is not None]
         log.info("resumed from %s (%d %ss done)", path, self.start, self.run_dir.unit)
 
     def list_checkpoints(self) -> list[Path]:
@@ -522,7 +596,8 @@ class TrainingRun:
         acc = self.accelerator
         summary = None
         if acc.is_main_process:
-            with acc.autocast():
+            weights = self.eval_weights() if self.eval_weights is not None else contextlib.nullcontext()
+            with weights, acc.autocast():
                 result = evaluate(
                     self.pipe,
                     items,
@@ -612,6 +687,28 @@ def save_unet_weights(unet: torch.nn.Module, folder: str | Path, trainable: str)
         unet.save_pretrained(str(folder / "unet"), safe_serialization=True)
 
 
+LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
+
+
+def lora_rank(path: str | Path) -> int | None:
+    """The rank of the LoRA weights in a safetensors file (read from the header: no tensor is loaded), or None."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            for key in fh.keys():
+                if "lora_A" in key or "lora.down" in key or "lora_down" in key:
+                    return int(fh.get_slice(key).get_shape()[0])
+    except Exception:  # unreadable: the loader reports it
+        return None
+    return None
+
+
+def _peft_rank(unet: torch.nn.Module) -> int | None:
+    config = getattr(unet, "peft_config", {}).get("default")
+    return getattr(config, "r", None)
+
+
 def load_unet_weights(unet: torch.nn.Module, folder: str | Path, trainable: str) -> None:
     """Inverse of :func:`save_unet_weights` into an existing (LoRA-injected, for ``lora``) U-Net."""
     folder = Path(folder)
@@ -620,6 +717,10 @@ def load_unet_weights(unet: torch.nn.Module, folder: str | Path, trainable: str)
         from diffusers.utils import convert_unet_state_dict_to_peft
         from peft import set_peft_model_state_dict
 
+        held, wanted = lora_rank(folder / LORA_WEIGHTS_FILE), _peft_rank(unet)
+        if held is not None and wanted is not None and held != wanted:
+            raise GenrewardError(f"LoRA checkpoint {folder} has rank {held} but the model's LoRA has rank {wanted} "
+                                 f"(train.lora.rank={held} fits it)")
         state, _ = StableDiffusionPipeline.lora_state_dict(str(folder))
         unet_state = {k[len("unet.") :]: v for k, v in state.items() if k.startswith("unet.")}
         result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state), adapter_name="default")

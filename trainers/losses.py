@@ -502,3 +502,165 @@ def flow_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor | floa
     if s.numel() not in (1, mean.shape[0]):
         raise ValueError(f"std must be a scalar or per sample ({mean.shape[0]}), got shape {tuple(s.shape)}")
     return (per_sample / (2 * s**2)).mean()
+
+
+# --------------------------------------------------------------------------------------------- DiffusionNFT
+# Spec: docs/algorithms/diffusion_nft.md §2–§4 (optimality probability, the implicit positive/negative policy loss
+# in clean-sample space, the KL to the base model, conversions between ε-, v-, flow- and x0-parametrisations).
+
+__all__ += ["nft_advantages", "optimality_probability", "nft_clean_prediction", "nft_flow_velocity", "nft_loss", "nft_kl"]
+
+
+def nft_advantages(
+    rewards: torch.Tensor | np.ndarray | Sequence[float],
+    group_ids: Sequence | torch.Tensor | np.ndarray | None,
+    eps: float = 1e-4,
+) -> torch.Tensor | np.ndarray:
+    """DiffusionNFT advantages (diffusion_nft.md §3.1): A = (R − mean of the prompt's rewards this epoch) /
+    (population std of *all* the epoch's rewards + ``eps``), not clipped here (the loss side clips).
+
+    This is :func:`group_advantages` with ``global_std=True`` and no clip: a group whose rewards are all equal
+    (or that has one finite reward) gets A = 0 exactly; non-finite rewards get A = 0 and stay out of every
+    statistic (callers must also keep them out of the loss).
+    """
+    return group_advantages(rewards, group_ids, global_std=True, eps=eps, clip=None)
+
+
+def optimality_probability(advantages: torch.Tensor, adv_clip_max: float = 5.0) -> torch.Tensor:
+    """r = clamp((clamp(A, −C, C)/C)/2 + ½, 0, 1) with C = ``adv_clip_max`` (diffusion_nft.md §3.1).
+
+    r ∈ [0, 1] is the probability that a sample is "optimal": A = 0 ↦ ½, A ≥ C ↦ 1, A ≤ −C ↦ 0. At least fp32;
+    detached (r is data for the loss). Non-finite advantages are an error: drop those samples first.
+    """
+    if not adv_clip_max > 0:
+        raise GenrewardError(f"NFT adv_clip_max must be > 0, got {adv_clip_max}")
+    adv = torch.as_tensor(advantages).detach()
+    adv = adv.to(torch.promote_types(adv.dtype, torch.float32))
+    if not torch.isfinite(adv).all():
+        raise GenrewardError("optimality_probability: advantages must be finite (leave samples with NaN rewards out)")
+    c = float(adv_clip_max)
+    return ((adv.clamp(-c, c) / c) / 2 + 0.5).clamp(0.0, 1.0)
+
+
+def _per_sample_view(x: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    """Scalar or [B] → broadcastable [B, 1, …, 1] against ``like`` (same device and dtype)."""
+    t = torch.as_tensor(x, device=like.device, dtype=like.dtype)
+    if t.ndim == 0 or t.numel() == 1:
+        return t.reshape([1] * like.ndim)
+    if t.shape[0] != like.shape[0]:
+        raise ValueError(f"per-sample value of shape {tuple(t.shape)} does not match a batch of {like.shape[0]}")
+    return t.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def nft_clean_prediction(
+    output: torch.Tensor,
+    x_t: torch.Tensor,
+    alpha: torch.Tensor | float,
+    sigma: torch.Tensor | float,
+    prediction_type: Literal["epsilon", "v_prediction", "flow", "sample"],
+) -> torch.Tensor:
+    """The network output as a clean-sample prediction x̂0 (diffusion_nft.md §6), in at least fp32.
+
+    ``x_t = alpha·x0 + sigma·ε`` (``alpha``, ``sigma`` scalars or per sample [B]): VP models have α = √ᾱ_t, σ = √(1−ᾱ_t);
+    flow models α = 1 − t, σ = t. ε-prediction: x̂0 = (x_t − σ ε̂)/α; v-prediction (diffusers, v = α ε − σ x0):
+    x̂0 = α x_t − σ v̂ (needs α² + σ² = 1); flow (v = ε − x0): x̂0 = x_t − σ v̂; sample: x̂0 = output. Every map is
+    affine in ``output``, so mixtures with coefficients summing to 1 commute with it.
+    """
+    dtype = torch.promote_types(output.dtype, torch.float32)
+    out, x = output.to(dtype), x_t.to(dtype)
+    a, s = _per_sample_view(alpha, out), _per_sample_view(sigma, out)
+    if prediction_type == "epsilon":
+        return (x - s * out) / a
+    if prediction_type == "v_prediction":
+        return a * x - s * out
+    if prediction_type == "flow":
+        return x - s * out
+    if prediction_type == "sample":
+        return out
+    raise GenrewardError(f"NFT supports epsilon, v_prediction, flow and sample outputs, not prediction_type={prediction_type!r}")
+
+
+def nft_flow_velocity(x0_pred: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor | float, sigma: torch.Tensor | float) -> torch.Tensor:
+    """Flow-equivalent velocity û = ε̂ − x̂0 with ε̂ = (x_t − α x̂0)/σ (diffusion_nft.md §6); for a flow model û = v̂.
+
+    û − u = −((α+σ)/σ)(x̂0 − x0) for the true u = ε − x0: the KL and the diagnostics use this scale, so their
+    values mean the same for ε-, v- and flow models.
+    """
+    dtype = torch.promote_types(x0_pred.dtype, torch.float32)
+    x0p, x = x0_pred.to(dtype), x_t.to(dtype)
+    a, s = _per_sample_view(alpha, x0p), _per_sample_view(sigma, x0p)
+    return (x - a * x0p) / s - x0p
+
+
+def nft_loss(
+    x0_pred: torch.Tensor,
+    x0_pred_old: torch.Tensor,
+    x0: torch.Tensor,
+    r: torch.Tensor,
+    beta: float,
+    adaptive: bool = True,
+    adv_clip_max: float = 5.0,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DiffusionNFT's policy loss for one micro-batch and training timestep (diffusion_nft.md §3, on x̂0 per §6).
+
+    Implicit policies (old detached): x̂0⁺ = β x̂0_θ + (1−β) x̂0_old, x̂0⁻ = (1+β) x̂0_old − β x̂0_θ.
+    ``adaptive`` (the official form): w± = max(mean_d |x̂0± − x0|, 1e-5), detached, in float64;
+    ℓ± = mean_d (x̂0± − x0)² / w±. Plain form (``adaptive=False``): ℓ± = mean_d (x̂0± − x0)².
+    L = C · mean_b [ weight_b · (r_b ℓ⁺_b + (1 − r_b) ℓ⁻_b) / β ], C = ``adv_clip_max``.
+
+    ``x0`` (the sampled clean latents), ``r`` [B] (:func:`optimality_probability`) and ``weight`` [B] (per-sample
+    loss weights, e.g. 0 for samples left out, or ((α+σ)/σ)² to put the plain form in velocity space; default 1)
+    are data (detached). β must be > 0. The KL to the base model is not included (:func:`nft_kl`).
+    Returns a 0-dim tensor in at least fp32 (float64 when the weights made it so).
+    """
+    if isinstance(beta, bool) or not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+        raise GenrewardError(f"NFT beta must be a finite number > 0, got {beta!r}")
+    if x0_pred.shape != x0_pred_old.shape or x0_pred.shape != x0.shape:
+        raise ValueError(
+            f"x0_pred {tuple(x0_pred.shape)}, x0_pred_old {tuple(x0_pred_old.shape)} and x0 {tuple(x0.shape)} must have the same shape"
+        )
+    batch = x0_pred.shape[0]
+    dtype = torch.promote_types(x0_pred.dtype, torch.float32)
+    theta = x0_pred.to(dtype)
+    old = x0_pred_old.detach().to(dtype)
+    target = x0.detach().to(dtype)
+    rr = torch.as_tensor(r, device=theta.device).detach().to(dtype).reshape(-1)
+    if rr.numel() != batch:
+        raise ValueError(f"r has {rr.numel()} values for a batch of {batch}")
+    b = float(beta)
+    err_pos = b * theta + (1.0 - b) * old - target
+    err_neg = (1.0 + b) * old - b * theta - target
+    dims = tuple(range(1, theta.ndim))
+    loss_pos = (err_pos**2).mean(dim=dims) if dims else err_pos**2
+    loss_neg = (err_neg**2).mean(dim=dims) if dims else err_neg**2
+    if adaptive:
+        w_pos = (err_pos.detach().double().abs().mean(dim=dims) if dims else err_pos.detach().double().abs()).clamp(min=1e-5)
+        w_neg = (err_neg.detach().double().abs().mean(dim=dims) if dims else err_neg.detach().double().abs()).clamp(min=1e-5)
+        loss_pos, loss_neg = loss_pos / w_pos, loss_neg / w_neg
+    per_sample = (rr.to(loss_pos.dtype) * loss_pos + (1.0 - rr.to(loss_pos.dtype)) * loss_neg) / b
+    if weight is not None:
+        w = torch.as_tensor(weight, device=theta.device).detach().reshape(-1)
+        if w.numel() != batch:
+            raise ValueError(f"weight has {w.numel()} values for a batch of {batch}")
+        per_sample = per_sample * w.to(per_sample.dtype)
+    return float(adv_clip_max) * per_sample.mean()
+
+
+def nft_kl(velocity: torch.Tensor, velocity_ref: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """KL-to-base term of DiffusionNFT (diffusion_nft.md §3.7): mean_b [weight_b · mean_d (v_θ − v_ref)²].
+
+    Pass flow-equivalent velocities (:func:`nft_flow_velocity`) to match the official velocity-space scale. On v_θ
+    (not on v⁺); ``velocity_ref`` is detached; the gradient is 2(v_θ − v_ref)/(B·D). The trainer multiplies by λ_KL.
+    """
+    if velocity.shape != velocity_ref.shape:
+        raise ValueError(f"velocity {tuple(velocity.shape)} and velocity_ref {tuple(velocity_ref.shape)} must have the same shape")
+    dtype = torch.promote_types(velocity.dtype, torch.float32)
+    diff = velocity.to(dtype) - velocity_ref.detach().to(dtype)
+    per_sample = reduce_elements(diff**2, "mean") if diff.ndim > 1 else diff**2
+    if weight is not None:
+        w = torch.as_tensor(weight, device=diff.device).detach().reshape(-1)
+        if w.numel() != diff.shape[0]:
+            raise ValueError(f"weight has {w.numel()} values for a batch of {diff.shape[0]}")
+        per_sample = per_sample * w.to(dtype)
+    return per_sample.mean()
