@@ -113,11 +113,16 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
 def _build_dataclass(cls: type[T], data: dict, prefix: str, source: str) -> T:
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    moved = getattr(cls, "__moved_keys__", {})  # old key → new key (renamed options stop with the new name)
-    for key in data:
-        if key in moved and key not in fields:
-            full = f"{prefix}.{key}" if prefix else str(key)
-            new = f"{prefix}.{moved[key]}" if prefix and "." not in moved[key] else moved[key]
+    # old key → new key: a renamed option stops with the new name. A new name without a dot is in the same
+    # section; a dotted one is a full path from the top (the option moved to another section). A dotted *old* key
+    # names an option inside a section that no longer exists (or no longer has it), e.g. "output.resume".
+    moved = getattr(cls, "__moved_keys__", {})
+    for old, target in moved.items():
+        head, _, rest = str(old).partition(".")
+        present = old in data if not rest else _has_path(data.get(head), rest.split("."))
+        if present and (rest or old not in fields):
+            full = f"{prefix}.{old}" if prefix else str(old)
+            new = f"{prefix}.{target}" if prefix and "." not in target else target
             raise ConfigError(f"{source}: key '{full}' was renamed; use '{new}'")
     unknown = [k for k in data if k not in fields]
     if unknown:
@@ -140,6 +145,14 @@ def _build_dataclass(cls: type[T], data: dict, prefix: str, source: str) -> T:
     except (ValueError, TypeError) as exc:  # __post_init__ validation
         raise ConfigError(f"{source}: {exc}") from None
     return obj
+
+
+def _has_path(node: Any, parts: list[str]) -> bool:
+    for part in parts:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -236,3 +249,33 @@ def save_config(config: Any, output_dir: str | Path, filename: str = "config.yam
     path = out / filename
     path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
     return path
+
+
+def check_output_dir(path: str | Path, key: str = "output_dir") -> Path:
+    """A folder that can be created (or exists) and written: one line naming the path otherwise.
+
+    Called before any model loads, so a typo in ``output_dir`` costs a second, not a model load. Nothing is
+    created: the nearest existing folder above ``path`` gets a probe file that is removed at once (a permission
+    check alone misses read-only mounts and pseudo file systems).
+    """
+    import os
+    import tempfile
+
+    target = Path(path).expanduser()
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"{key} {path} exists and is not a folder")
+    parent = target
+    while not parent.exists():
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise ConfigError(f"{key} {path} cannot be created: {parent} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".genreward-write-test-", dir=str(parent))
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"{key} {path} is not writable: cannot create files in {parent} ({reason})") from None
+    return target

@@ -37,6 +37,11 @@ def load_metrics(run_dir: str | Path) -> list[dict]:
     records = []
     with path.open(encoding="utf-8") as fh:
         for lineno, rec in iter_jsonl(fh, path):
+            if lineno == 1 and isinstance(rec, dict) and "image" not in rec and ("epoch" in rec or "step" in rec):
+                evals = sorted(p.name for p in (run_dir / "eval").iterdir() if p.is_dir()) if (run_dir / "eval").is_dir() else []
+                where = f"one of its evaluations, e.g. {run_dir / 'eval' / evals[-1]}" if evals else "an evaluation folder"
+                raise GenrewardError(f"{run_dir} is a training run (its metrics.jsonl logs {'epochs' if 'epoch' in rec else 'steps'}, "
+                                     f"not images); a gallery shows {where}, or the run's gallery.html")
             records.append(_check_record(rec, path, lineno))
     if not records:
         raise GenrewardError(f"metrics file {path} has no records")
@@ -172,6 +177,11 @@ def write_gallery(
     if out_path is None:
         out_path = run_dir / ("compare.html" if compare else "gallery.html")
     out_path = Path(out_path)
+    if out_path.is_dir():
+        raise GenrewardError(f"gallery output {out_path} is a folder; give a file name, e.g. {out_path / 'gallery.html'}")
+    from genreward.config import check_output_dir
+
+    check_output_dir(out_path.parent, key="gallery output folder")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     html_dir = out_path.parent.resolve()
     run_abs = run_dir.resolve()
@@ -254,7 +264,10 @@ def write_gallery(
         script=_SCRIPT,
         style=_STYLE,
     )
-    out_path.write_text(page, encoding="utf-8")
+    try:
+        out_path.write_text(page, encoding="utf-8")
+    except OSError as exc:
+        raise GenrewardError(f"cannot write gallery {out_path}: {exc.strerror or exc}") from None
     return out_path
 
 

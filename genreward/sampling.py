@@ -234,6 +234,58 @@ def initial_latents(pipe, batch: int, height: int, width: int, generators: Seque
     return (noise * pipe.scheduler.init_noise_sigma).to(pipe.unet.dtype)
 
 
+def check_guidance_scale(guidance_scale: float, key: str = "guidance_scale") -> None:
+    """Classifier-free guidance weight w: must be a finite number >= 0. w <= 1 switches CFG off (the sampler then
+    uses the conditional prediction alone, as diffusers does); w > 1 extrapolates away from the unconditional one."""
+    try:
+        ok = not isinstance(guidance_scale, bool) and math.isfinite(float(guidance_scale)) and float(guidance_scale) >= 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise GenrewardError(f"{key} must be a number >= 0 (1 or less switches classifier-free guidance off), "
+                             f"got {guidance_scale!r}")
+
+
+def _is_int(value) -> bool:
+    try:
+        return int(value) == value
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
+def image_size_multiple(pipe, unet=None) -> tuple[int, int, int]:
+    """(multiple, VAE factor, U-Net downsampling): image sides must be multiples of VAE factor × U-Net downsampling.
+
+    The VAE maps ``f`` pixels to one latent, and the U-Net halves the latent once per down block but the last, so
+    other sizes are silently cropped (the VAE floors) or interpolated inside the U-Net. SD 1.x/2.x: 8 × 8 = 64.
+    """
+    unet = unet or pipe.unet
+    vae = int(getattr(pipe, "vae_scale_factor", 8) or 8)
+    blocks = getattr(unet.config, "block_out_channels", None) or getattr(unet.config, "down_block_types", ())
+    down = 2 ** max(len(blocks) - 1, 0)
+    return vae * down, vae, down
+
+
+def check_image_size(pipe, height: int | None, width: int | None, unet=None, prefix: str = "") -> None:
+    """A one-line error naming the nearest valid sizes when ``height``/``width`` do not suit this pipeline
+    (``None`` = the U-Net's native size). ``prefix`` names the config section, e.g. ``"sample."``."""
+    if height is None and width is None:
+        return
+    multiple, vae, down = image_size_multiple(pipe, unet)
+    for name, value in (("height", height), ("width", width)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not _is_int(value) or value < 1:
+            raise GenrewardError(f"{prefix}{name} must be a positive integer, got {value!r}")
+        if value % multiple:
+            lower = value // multiple * multiple
+            options = " or ".join(str(v) for v in (lower, lower + multiple) if v > 0)
+            raise GenrewardError(
+                f"{prefix}{name}={value} does not suit this model: image sizes must be multiples of {multiple} "
+                f"(VAE factor {vae} × U-Net downsampling {down}); use {options}"
+            )
+
+
 def make_generators(seeds: Sequence[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
     """One generator per sample: sample i is reproducible whatever batch or process it lands in."""
     return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
@@ -268,6 +320,10 @@ def sample_trajectories(
         raise GenrewardError("sample_trajectories needs at least one prompt")
     if eta < 0:
         raise GenrewardError(f"eta must be >= 0, got {eta}")
+    if isinstance(num_steps, bool) or not _is_int(num_steps) or num_steps < 1:
+        raise GenrewardError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    check_guidance_scale(guidance_scale)
+    check_image_size(pipe, height, width, unet=unet)
     if seeds is None:
         seeds = list(range(len(prompts)))
     if len(seeds) != len(prompts):

@@ -6,6 +6,7 @@ same thing everywhere.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -28,11 +29,11 @@ class SampleConfig:
     """DDIM sampling: steps, classifier-free guidance, stochasticity and image size."""
 
     num_steps: int = 50
-    guidance_scale: float = 5.0
+    guidance_scale: float = 5.0  # classifier-free guidance weight w >= 0; w <= 1 switches guidance off
     eta: float = 1.0
     negative_prompt: str = ""
     batch_size: int = 8
-    height: int | None = None  # None = the U-Net's native size
+    height: int | None = None  # None = the U-Net's native size; a multiple of VAE factor × U-Net downsampling (64 for SD)
     width: int | None = None
     logprob_reduction: Literal["mean", "sum"] = "mean"
 
@@ -43,6 +44,14 @@ class SampleConfig:
             raise ValueError(f"key 'sample.batch_size' must be >= 1, got {self.batch_size}")
         if self.eta < 0:
             raise ValueError(f"key 'sample.eta' must be >= 0, got {self.eta}")
+        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
+            raise ValueError(f"key 'sample.guidance_scale' must be >= 0 (1 or less switches classifier-free guidance off), "
+                             f"got {self.guidance_scale}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"key 'sample.{name}' must be a positive number of pixels or null (the model's native size), "
+                                 f"got {value}")
 
 
 @dataclass

@@ -64,6 +64,7 @@ def test_unknown_reward_name(tmp_path):
     assert_one_line_error(proc, "no_such_reward")
 
 
+@pytest.mark.slow
 def test_offline_model_id_is_one_line_error(tmp_path):
     proc = run_cli(
         "eval", "configs/eval_tiny.yaml", "model.pipeline=CompVis/stable-diffusion-v1-4", "eval.prompts.limit=1", f"output_dir={tmp_path}"

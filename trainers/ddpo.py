@@ -32,7 +32,7 @@ from trainers.common import (
 )
 from trainers.diagnostics import epoch_record
 from trainers.losses import PerPromptStatTracker, accumulation_divisors, batch_advantages, ddpo_loss
-from trainers.prdp import load_checked_prompts
+from trainers.prdp import load_checked_prompts, stop_without_finite_rewards
 from trainers.run_dir import fault_point
 
 log = logging.getLogger("genreward.ddpo")
@@ -147,6 +147,7 @@ def train(config: DDPOConfig) -> dict:
         run.log_metrics(record)
         progress.update(1)
         progress.set_postfix(reward=f"{record['reward_mean']:.4g}", kl=f"{record.get('approx_kl', 0):.2g}")
+        stop_without_finite_rewards(run, progress, rewards, epoch, reward.name)
         run.end_of_epoch(epoch, d.epochs, eval_items, eval_rewards)
     progress.close()
     return run.finish(d.epochs, eval_items, eval_rewards)

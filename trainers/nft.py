@@ -49,7 +49,7 @@ from trainers.common import (
 )
 from trainers.diagnostics import epoch_record
 from trainers.losses import nft_advantages, nft_clean_prediction, nft_flow_velocity, nft_kl, nft_loss, optimality_probability
-from trainers.prdp import load_checked_prompts
+from trainers.prdp import load_checked_prompts, stop_without_finite_rewards
 from trainers.run_dir import fault_point, load_tree, save_tree
 
 log = logging.getLogger("genreward.nft")
@@ -327,6 +327,7 @@ def train(config: NFTConfig) -> dict:
         run.log_metrics(record)
         progress.update(1)
         progress.set_postfix(reward=f"{record['reward_mean']:.4g}", loss=f"{record['loss']:.3g}")
+        stop_without_finite_rewards(run, progress, rewards, epoch, reward.name)
         run.end_of_epoch(epoch, n.epochs, eval_items, eval_rewards)
     progress.close()
     return run.finish(n.epochs, eval_items, eval_rewards)

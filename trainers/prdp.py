@@ -119,6 +119,7 @@ def train(config: PRDPConfig) -> dict:
         run.log_metrics(record)
         progress.update(1)
         progress.set_postfix(reward=f"{record['reward_mean']:.4g}", loss=f"{record['loss']:.3g}")
+        stop_without_finite_rewards(run, progress, rewards, epoch, reward.name)
         run.end_of_epoch(epoch, p.epochs, eval_items, eval_rewards)
     progress.close()
     return run.finish(p.epochs, eval_items, eval_rewards)
@@ -135,3 +136,12 @@ def load_checked_prompts(config: PolicyConfig, needed: int, key: str) -> list:
             f"use a larger set or lower {key}"
         )
     return prompts
+
+
+def stop_without_finite_rewards(run: TrainingRun, progress, rewards: torch.Tensor, epoch: int, name: str) -> None:
+    """``run.check_finite_rewards`` with the progress bar closed first, so the error starts its own line."""
+    try:
+        run.check_finite_rewards(rewards, epoch, name)
+    except GenrewardError:
+        progress.close()
+        raise

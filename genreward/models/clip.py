@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from genreward.errors import GenrewardError
 from genreward.models.device import resolve_device, resolve_dtype
-from genreward.models.hub import from_pretrained_offline_aware, hub_offline, offline_error
+from genreward.models.hub import from_pretrained_offline_aware, hub_unavailable, offline_error, quiet_hub
 from genreward.images import check_images
 from genreward.models.tokenizers import CLIP_TEXT_TOKEN_IDS
 from genreward.registry import find_spec_loader, register_spec
@@ -205,14 +205,16 @@ def _hub_file(repo: str, filenames: Sequence[str], spec: str) -> str:
     last: BaseException | None = None
     for name in filenames:
         try:
-            return hf_hub_download(repo, name, local_files_only=True)
+            with quiet_hub():
+                return hf_hub_download(repo, name, local_files_only=True)
         except (EntryNotFoundError, OSError, ValueError) as exc:
             last = exc
-    if hub_offline():
+    if hub_unavailable():  # switched off or no connection: fail now, not after the client's retries
         raise offline_error(spec, "CLIP model", last)
     for name in filenames:
         try:
-            return hf_hub_download(repo, name)
+            with quiet_hub():
+                return hf_hub_download(repo, name)
         except RepositoryNotFoundError:
             raise GenrewardError(f"CLIP model {spec!r}: repository {repo!r} does not exist on the hub (or is private)") from None
         except EntryNotFoundError as exc:  # this file is not in the repo (remote answer); try the next name
@@ -443,7 +445,7 @@ def _load_open_clip(spec: str, rest: str, device: torch.device, dtype: torch.dty
             }
             kwargs["force_quick_gelu"] = bool(tag_cfg.get("quick_gelu", False))  # what the tag was trained with
         elif tag_cfg:
-            if hub_offline():
+            if hub_unavailable():
                 raise offline_error(spec, "CLIP model")
             pretrained = source  # URL-only tag: open_clip downloads it itself
         elif Path(source).expanduser().is_file():

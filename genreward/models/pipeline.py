@@ -13,11 +13,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import logging
+import re
+
 import torch
 
 from genreward.errors import GenrewardError
 from genreward.models.device import resolve_device, resolve_dtype
-from genreward.models.hub import from_pretrained_offline_aware
+from genreward.models.hub import first_line, from_pretrained_offline_aware
 from genreward.models.tiny import RANDOM_SPECS, TINY_SPECS, build_random_sd15, build_tiny_sd
 from genreward.registry import find_spec_loader, register_spec
 
@@ -65,11 +68,74 @@ def load_pipeline(
     if pipe.unet.dtype != torch_dtype:
         pipe.to(torch_dtype)
     if lora is not None:
-        if not Path(lora).exists():
-            raise GenrewardError(f"LoRA weights not found: {lora}")
-        pipe.load_lora_weights(lora)
+        load_lora(pipe, lora, spec)
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
         module.eval()
     return pipe
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def load_lora(pipe, lora: str, spec: str = "") -> None:
+    """Apply LoRA weights (a folder or ``.safetensors`` file) to ``pipe``; one line when they do not fit.
+
+    Refused: a missing or unreadable file, weights whose shapes differ from this pipeline's layers (a LoRA of
+    another model), and weights that name modules this pipeline lacks (diffusers only warns about those and
+    loads the rest, which silently gives a half-applied LoRA). diffusers' log lines are kept out of the output.
+    """
+    path = Path(lora).expanduser()
+    if not path.exists():
+        raise GenrewardError(f"LoRA weights not found: {lora}")
+    target = f"pipeline {spec!r}" if spec else "this pipeline"
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    for file in files:
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(file), framework="pt") as fh:
+                    fh.keys()
+            except Exception as exc:  # a truncated/overwritten file: the header does not parse
+                raise GenrewardError(f"LoRA weights {file} are not a readable safetensors file (damaged or truncated?): "
+                                     f"{first_line(exc, 120)}") from None
+    collect = _Collect()
+    loggers = [logging.getLogger(name) for name in ("diffusers", "peft")]
+    saved = [(lg, lg.level, lg.propagate, list(lg.handlers)) for lg in loggers]
+    for lg in loggers:
+        lg.handlers = [collect]  # the warnings become the error below (or are dropped when harmless)
+        lg.setLevel(logging.WARNING)
+        lg.propagate = False
+    try:
+        pipe.load_lora_weights(str(path))
+    except GenrewardError:
+        raise
+    except Exception as exc:  # safetensors header errors, size mismatches, "not a LoRA checkpoint"
+        text = str(exc)
+        if "size mismatch" in text:
+            m = re.search(r"size mismatch for (\S+?): copying a param with shape torch.Size\((\[.*?\])\).*?is torch.Size\((\[.*?\])\)", text)
+            example = f" (e.g. {m.group(1)}: {m.group(2)} in the file, {m.group(3)} here)" if m else ""
+            raise GenrewardError(
+                f"LoRA weights {lora} do not fit {target}: their layer shapes differ{example}; a LoRA of another model?"
+            ) from None
+        raise GenrewardError(f"cannot load LoRA weights {lora} into {target}: {type(exc).__name__}: {first_line(exc)}") from None
+    finally:
+        for lg, level, propagate, handlers in saved:
+            lg.handlers = handlers
+            lg.setLevel(level)
+            lg.propagate = propagate
+    unexpected = [m for m in collect.messages if "unexpected keys" in m]
+    if unexpected:
+        pipe.unload_lora_weights()
+        keys = unexpected[0].split(":", 1)[-1].strip().split(",")[0].strip()
+        raise GenrewardError(
+            f"LoRA weights {lora} do not fit {target}: they name modules it does not have (e.g. {keys}; a LoRA of another model?)"
+        )

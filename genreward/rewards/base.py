@@ -3,6 +3,12 @@
 Every reward takes images ``[B,3,H,W]`` in [0,1] plus the B prompts (and optional context such as
 ``metadata`` or ``reference_images``) and returns a :class:`RewardOutput`. Rewards are registered by
 name with :func:`register` and built from configs with :func:`build`.
+
+The range is checked (:func:`check_batch`): values more than :data:`IMAGE_RANGE_TOLERANCE` outside [0, 1]
+(0..255 pixel values, [-1, 1] VAE outputs) are a one-line error instead of plausible-looking scores. An image with
+a non-finite pixel (NaN/inf, e.g. from a diverged policy) has no meaningful score: it scores NaN, never a finite
+number; the other images of the batch are scored as usual, trainers leave NaN rewards out (and stop after
+``train.max_nonfinite_epochs`` epochs without a single finite one), and evaluation records them as null.
 """
 
 from __future__ import annotations
@@ -60,9 +66,48 @@ class Reward(Protocol):
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], **context: Any) -> RewardOutput: ...
 
 
+IMAGE_RANGE_TOLERANCE = 5e-3  # resampling overshoot and float error; 0..255 or [-1, 1] images are far outside
+
+
+def check_image_range(name: str, images: torch.Tensor, what: str = "images") -> None:
+    """One line when the finite values of ``images`` leave [0, 1] by more than :data:`IMAGE_RANGE_TOLERANCE`."""
+    x = images.detach()
+    if x.numel() == 0:
+        return
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        if not bool(finite.any()):
+            return
+        x = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    lo, hi = (float(v) for v in x.float().aminmax())
+    tol = IMAGE_RANGE_TOLERANCE
+    if lo >= -tol and hi <= 1 + tol:
+        return
+    if hi > 2:
+        hint = "; these look like 0..255 pixel values: divide by 255"
+    elif lo < -tol and lo >= -1 - tol:
+        hint = "; these look like [-1, 1] values (e.g. a VAE decode): use images / 2 + 0.5"
+    else:
+        hint = "; clamp or rescale them"
+    raise GenrewardError(f"{name}: {what} must be in [0, 1], got values in [{lo:.4g}, {hi:.4g}]{hint}")
+
+
+def nonfinite_images(images: torch.Tensor) -> torch.Tensor:
+    """``[B]`` bool: which images hold a NaN or infinite value (they score NaN; see the module docs)."""
+    return ~torch.isfinite(images.detach()).flatten(1).all(dim=1)
+
+
+def nan_for_nonfinite_images(scores: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """``scores`` with NaN where the image had a non-finite pixel (for rewards whose pipeline would hide it,
+    e.g. PIL conversion, which turns NaN into black)."""
+    bad = nonfinite_images(images).to(scores.device)
+    return scores.masked_fill(bad, float("nan")) if bool(bad.any()) else scores
+
+
 def check_batch(name: str, images: torch.Tensor, prompts: Sequence[str]) -> None:
     """The reward input contract: images [B,3,H,W] float in [0,1] and one prompt string per image."""
     check_images(images)
+    check_image_range(name, images)
     if isinstance(prompts, str) or len(prompts) != images.shape[0]:
         got = "a single string" if isinstance(prompts, str) else f"{len(prompts)} prompts"
         raise GenrewardError(f"{name} needs one prompt per image: {images.shape[0]} images, {got}")

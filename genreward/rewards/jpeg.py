@@ -14,7 +14,7 @@ import torch
 
 from genreward.errors import GenrewardError
 from genreward.images import check_images, to_pil
-from genreward.rewards.base import RewardOutput, register
+from genreward.rewards.base import RewardOutput, check_image_range, nan_for_nonfinite_images, register
 
 
 def jpeg_sizes_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
@@ -41,7 +41,9 @@ class _JpegSize:
         self.name = self.default_name
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str] = (), **context: Any) -> RewardOutput:
-        sizes = jpeg_sizes_kb(images, self.quality).to(images.device)
+        check_images(images)
+        check_image_range(self.name, images)
+        sizes = nan_for_nonfinite_images(jpeg_sizes_kb(images, self.quality).to(images.device), images)
         return RewardOutput(scores=self.sign * sizes, details={"jpeg_kb": sizes})
 
 

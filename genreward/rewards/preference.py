@@ -25,7 +25,7 @@ import torch
 
 from genreward.errors import GenrewardError, OfflineModelError
 from genreward.models.clip import ClipModel, load_clip
-from genreward.models.hub import hub_offline
+from genreward.models.hub import first_line, hub_unavailable, quiet_hub
 from genreward.rewards.base import RewardOutput, check_batch, register
 from genreward.rewards.clip_score import PromptImageCosine
 
@@ -46,7 +46,7 @@ AESTHETIC_HEAD_ORIGIN = "github.com/christophschuhmann/improved-aesthetic-predic
 
 
 def _first_line(exc: BaseException) -> str:
-    return ((str(exc).strip().splitlines() or [type(exc).__name__])[0])[:200]
+    return first_line(exc, 200)
 
 
 def _hub_file(repo: str, filename: str, what: str, option: str) -> str:
@@ -59,20 +59,20 @@ def _hub_file(repo: str, filename: str, what: str, option: str) -> str:
     from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return hf_hub_download(repo, filename, local_files_only=True)
+        with quiet_hub():
+            return hf_hub_download(repo, filename, local_files_only=True)
     except Exception:  # not cached (LocalEntryNotFoundError) or an unreadable cache entry
         pass
     fix = (
         f"download it where the hub is reachable (hf download {repo} {filename}) "
         f"and pass the local file with option {option}=<path>"
     )
-    if hub_offline():
-        raise OfflineModelError(
-            f"{what} {repo}/{filename} is not in the local model cache, and the model hub is switched off "
-            f"(HF_HUB_OFFLINE is set); {fix}"
-        )
+    unavailable = hub_unavailable()  # switched off, or no connection at all: say so now, not after retries
+    if unavailable:
+        raise OfflineModelError(f"{what} {repo}/{filename} is not in the local model cache, and {unavailable}; {fix}")
     try:
-        return hf_hub_download(repo, filename)
+        with quiet_hub():
+            return hf_hub_download(repo, filename)
     except RepositoryNotFoundError:
         raise GenrewardError(f"{what}: hub repository {repo!r} does not exist (or is private or gated); {fix}") from None
     except EntryNotFoundError as exc:

@@ -43,7 +43,7 @@ from genreward.models.vlm import (
     single_token_id,
     tokenizer_of,
 )
-from genreward.rewards.base import RewardOutput, register
+from genreward.rewards.base import RewardOutput, check_image_range, nan_for_nonfinite_images, register
 
 MODES = ("pointwise", "pairwise")
 NORMALIZATIONS = ("full", "yes_no", "log_odds")
@@ -208,6 +208,7 @@ class VLMJudge:
             raise GenrewardError(f"vlm_judge needs one prompt per image (or per view group): {images.shape[0]} queries, {got}")
         if any(not isinstance(p, str) for p in prompts):
             raise GenrewardError("vlm_judge prompts must be strings")
+        check_image_range("vlm_judge", images)
         return images if images.ndim == 5 else images[:, None]
 
     def _reference(self, context: dict[str, Any], batch: int) -> torch.Tensor:
@@ -267,4 +268,5 @@ class VLMJudge:
                 scores = 0.5 * (scores + 1.0 - swapped[self.normalization])
             details.update(p_yes_swapped=swapped["full"], log_odds_swapped=swapped["log_odds"])
         details = {k: v.detach().to(images.device, torch.float32) for k, v in details.items()}
-        return RewardOutput(scores=scores.to(device=images.device, dtype=torch.float32), details=details)
+        scores = nan_for_nonfinite_images(scores.to(device=images.device, dtype=torch.float32), images)
+        return RewardOutput(scores=scores, details=details)
