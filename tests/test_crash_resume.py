@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from subprocess_train import train_env, train_subprocess
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,18 +76,7 @@ def _write_config(folder: Path, name: str) -> Path:
     return path
 
 
-def _env(fault: str | None = None) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               PYTHONHASHSEED="0")
-    env.pop("GENREWARD_FAULT", None)
-    if fault:
-        env["GENREWARD_FAULT"] = fault
-    return env
-
-
-def _train(config: Path, out: Path, *overrides: str, fault: str | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "genreward", "train", str(config), f"output_dir={out}", *overrides]
-    return subprocess.run(cmd, cwd=REPO, env=_env(fault), capture_output=True, text=True, timeout=600)
+_env, _train = train_env, train_subprocess
 
 
 def _weights(out: Path, done: int) -> dict[str, torch.Tensor]:

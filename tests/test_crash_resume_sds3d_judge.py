@@ -29,6 +29,7 @@ from typing import Callable
 import pytest
 import torch
 import yaml
+from subprocess_train import train_command, train_env, train_subprocess
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,22 +66,7 @@ SLOW_FAULTS = ["unit:2", "save_files:1", "save_manifest:1", "saved:1"]
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def _env(fault: str | None = None) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               PYTHONHASHSEED="0")
-    env.pop("GENREWARD_FAULT", None)
-    if fault:
-        env["GENREWARD_FAULT"] = fault
-    return env
-
-
-def _cmd(config: Path, out: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "genreward", "train", str(config), f"output_dir={out}", *overrides]
-
-
-def _train(config: Path, out: Path, *overrides: str, fault: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(_cmd(config, out, *overrides), cwd=REPO, env=_env(fault), capture_output=True, text=True,
-                          timeout=600)
+_env, _cmd, _train = train_env, train_command, train_subprocess
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:

@@ -244,22 +244,33 @@ def ddpo_loss(
     loss = mean(max(−A·ρ, −A·clamp(ρ, 1−ε, 1+ε))) with A clamped to ±adv_clip_max and ρ = exp(log p − log p_old).
     Stats (detached): approx_kl = ½·mean((log p − log p_old)²), clipfrac = mean(|ρ − 1| > ε), ratio (mean ρ).
     """
+    return clipped_surrogate(log_prob, old_log_prob, advantages, clip_range, adv_clip_max, "DDPO")
+
+
+def clipped_surrogate(
+    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float,
+    adv_clip_max: float, name: str,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The PPO-clipped surrogate DDPO and GRPO share: loss = mean(max(−A·ρ, −A·clamp(ρ, 1−ε, 1+ε))), in at least fp32,
+    with A clamped to ±adv_clip_max, ρ = exp(log p − log p_old) (old detached), and detached stats approx_kl,
+    clipfrac, ratio. ``name`` labels the errors."""
     if log_prob.shape != old_log_prob.shape or log_prob.shape != advantages.shape:
         raise ValueError(
             f"log_prob {tuple(log_prob.shape)}, old_log_prob {tuple(old_log_prob.shape)} and advantages "
             f"{tuple(advantages.shape)} must have the same shape"
         )
     if not clip_range >= 0:
-        raise GenrewardError(f"DDPO clip_range must be >= 0, got {clip_range}")
-    adv = advantages.detach().clamp(-adv_clip_max, adv_clip_max)
-    diff = log_prob - old_log_prob.detach()
+        raise GenrewardError(f"{name} clip_range must be >= 0, got {clip_range}")
+    dtype = torch.promote_types(log_prob.dtype, torch.float32)
+    adv = advantages.detach().to(dtype).clamp(-adv_clip_max, adv_clip_max)
+    diff = log_prob.to(dtype) - old_log_prob.detach().to(dtype)
     ratio = torch.exp(diff)
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
     loss = torch.maximum(unclipped, clipped).mean()
     stats = {
         "approx_kl": 0.5 * (diff.detach() ** 2).mean(),
-        "clipfrac": ((ratio.detach() - 1.0).abs() > clip_range).to(ratio.dtype).mean(),
+        "clipfrac": ((ratio.detach() - 1.0).abs() > clip_range).to(dtype).mean(),
         "ratio": ratio.detach().mean(),
     }
     return loss, stats
@@ -465,26 +476,7 @@ def grpo_loss(
     loss = mean_b max(−A·ρ, −A·clamp(ρ, 1−ε, 1+ε)) in at least fp32. Stats (detached, 0-dim): approx_kl =
     ½·mean((log p − log p_old)²), clipfrac = mean(|ρ − 1| > ε), ratio = mean ρ.
     """
-    if log_prob.shape != old_log_prob.shape or log_prob.shape != advantages.shape:
-        raise ValueError(
-            f"log_prob {tuple(log_prob.shape)}, old_log_prob {tuple(old_log_prob.shape)} and advantages "
-            f"{tuple(advantages.shape)} must have the same shape"
-        )
-    if not clip_range >= 0:
-        raise GenrewardError(f"GRPO clip_range must be >= 0, got {clip_range}")
-    dtype = torch.promote_types(log_prob.dtype, torch.float32)
-    adv = advantages.detach().to(dtype).clamp(-adv_clip_max, adv_clip_max)
-    diff = log_prob.to(dtype) - old_log_prob.detach().to(dtype)
-    ratio = torch.exp(diff)
-    unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()
-    stats = {
-        "approx_kl": 0.5 * (diff.detach() ** 2).mean(),
-        "clipfrac": ((ratio.detach() - 1.0).abs() > clip_range).to(dtype).mean(),
-        "ratio": ratio.detach().mean(),
-    }
-    return loss, stats
+    return clipped_surrogate(log_prob, old_log_prob, advantages, clip_range, adv_clip_max, "GRPO")
 
 
 def flow_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor | float) -> torch.Tensor:
