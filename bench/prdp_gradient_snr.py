@@ -22,6 +22,7 @@ import time
 import torch
 
 from genreward.config import load_config
+from genreward.models.families import family_of
 from genreward.models.pipeline import load_pipeline
 from genreward.prompts import load_prompts
 from genreward.rewards.base import reward_from_specs
@@ -56,7 +57,7 @@ def batch_gradient(pipe, cfg: PRDPConfig, reward, items, seed0: int, step_ranges
     per_range = []
     for steps in step_ranges:
         pipe.unet.zero_grad(set_to_none=True)
-        backward_weighted(pipe.unet, pipe.scheduler, traj, weights, s.batch_size, s.logprob_reduction, steps=steps)
+        backward_weighted(pipe.unet, family_of(pipe), traj, weights, s.batch_size, s.logprob_reduction, steps=steps)
         per_range.append({n: p.grad.detach().clone() for n, p in pipe.unet.named_parameters()})
     total = {n: sum(g[n] for g in per_range) for n in per_range[0]}
     return total, per_range, float(rewards.mean())

@@ -85,19 +85,9 @@ def run_eval(config) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     """Dispatch on the config's ``trainer:`` key; works unchanged under ``accelerate launch``."""
-    from genreward.config import check_output_dir, config_from_dict, parse_override, read_yaml
-    from trainers import get_trainer
+    from genreward.config import check_output_dir
 
-    data = read_yaml(args.config)
-    name = data.get("trainer")
-    for text in args.overrides:
-        path, value = parse_override(text)
-        if path == ["trainer"]:
-            name = value
-    if name is None:
-        raise GenrewardError(f"{args.config}: missing required key 'trainer' (e.g. trainer: prdp)")
-    config_cls, train = get_trainer(name)
-    config = config_from_dict(data, config_cls, args.overrides, source=str(args.config), default_name=Path(args.config).stem)
+    config, train = _load_trainer_config(args.config, args.overrides)
     check_output_dir(config.output_dir)  # before any model loads
     start = time.perf_counter()
     result = train(config)
@@ -105,6 +95,35 @@ def _cmd_train(args: argparse.Namespace) -> int:
     for key, value in (result or {}).items():
         print(f"{key}: {value}")
     return 0
+
+
+def _load_trainer_config(path: str, overrides: list[str]):
+    from genreward.config import config_from_dict, parse_override, read_yaml
+    from trainers import get_trainer
+
+    data = read_yaml(path)
+    name = data.get("trainer")
+    for text in overrides:
+        key, value = parse_override(text)
+        if key == ["trainer"]:
+            name = value
+    if name is None:
+        raise GenrewardError(f"{path}: missing required key 'trainer' (e.g. trainer: prdp)")
+    config_cls, train = get_trainer(name)
+    return config_from_dict(data, config_cls, overrides, source=str(path), default_name=Path(path).stem), train
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    """The on-policy self-check: recorded vs recomputed log-probs and the first importance ratio; exit 1 when off-policy."""
+    from trainers.check import check
+
+    config, _ = _load_trainer_config(args.config, args.overrides)
+    start = time.perf_counter()
+    result = check(config, samples=args.samples)
+    for line in result.lines():
+        print(line)
+    print(f"checked in {time.perf_counter() - start:.1f}s")
+    return 0 if result.ok else 1
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -207,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. prdp.epochs=5 output_dir=/tmp/x")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("check", help="on-policy self-check of a training config: recorded vs recomputed log-probs, first ratio")
+    p.add_argument("config", help="a prdp / ddpo / grpo / nft YAML config")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.mixed_precision=bf16")
+    p.add_argument("--samples", type=int, default=None, help="trajectories to sample (default: sample.batch_size)")
+    p.set_defaults(func=_cmd_check)
 
     p = sub.add_parser("eval", help="evaluate a pipeline on a prompt set with rewards")
     p.add_argument("config", help="YAML config (see configs/)")

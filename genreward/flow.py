@@ -13,21 +13,23 @@ stochastic and which are trained; ``flow_rollout`` runs a whole trajectory for a
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
-from typing import Callable, Literal, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from genreward.errors import GenrewardError
-from genreward.sampling import randn_like_per_sample, reduce_elements
+from genreward.sampling import (  # the step kernels live beside the DDIM step; re-exported here
+    KINDS,
+    FlowKind,
+    Reduction,
+    euler_step,
+    flow_mean_std,
+    flow_step_with_logprob,
+)
 
-FlowKind = Literal["sde", "cps", "dance"]
-Reduction = Literal["mean", "sum"]
-KINDS = ("sde", "cps", "dance")
-_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 __all__ = [
     "KINDS",
@@ -48,146 +50,6 @@ __all__ = [
     "stochastic_steps",
     "trained_steps",
 ]
-
-
-# ----------------------------------------------------------------------------------------------- the step
-
-
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """At least fp32: fp16/bf16/fp32 inputs compute in fp32, fp64 inputs stay fp64."""
-    dtype = torch.float32
-    for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
-
-
-def _per_sample(value: torch.Tensor, batch: int, ndim: int) -> torch.Tensor:
-    """Scalar (0-dim or 1 element) stays 0-dim; [B] becomes [B, 1, …, 1] against an ``ndim``-dim latent."""
-    if value.numel() == 1:
-        return value.reshape(())
-    if value.numel() != batch:
-        raise ValueError(f"a per-sample value must have {batch} entries, got shape {tuple(value.shape)}")
-    return value.reshape(batch, *([1] * (ndim - 1)))
-
-
-def _batch_shape(value: torch.Tensor, batch: int, ndim: int) -> torch.Tensor:
-    """Broadcast a 0-dim or [B, 1, …] per-sample value to [B, 1, …, 1]."""
-    return value.reshape(-1, *([1] * (ndim - 1))).expand(batch, *([1] * (ndim - 1))) if value.ndim == 0 else value
-
-
-def flow_mean_std(
-    sigmas: torch.Tensor | Sequence[float],
-    model_output: torch.Tensor,
-    sample: torch.Tensor,
-    step_index: int | torch.Tensor,
-    noise_level: float | torch.Tensor,
-    kind: FlowKind = "sde",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean μ, returned std and transition std τ of one step σ_i → σ_{i+1} (flow_grpo.md §4.2–4.4).
-
-    ``sigmas`` is the full table (N+1 entries, last 0), ``step_index`` an int or a per-sample LongTensor [B],
-    ``noise_level`` the kernel's a (``'sde'``, ``'cps'``) or η (``'dance'``), a float or per-sample [B].
-    Arithmetic in at least fp32. Returns (mean [like sample], std [B,1,…,1], tau [B,1,…,1]) where std is what
-    the step returns (s_i for ``'sde'``, the transition std for the others) and x_{i+1} = μ + τ·z.
-    """
-    if kind not in KINDS:
-        raise GenrewardError(f"flow step kind must be one of {', '.join(KINDS)}, got '{kind}'")
-    dtype = _compute_dtype(sample, model_output)
-    device = sample.device
-    batch, ndim = sample.shape[0], sample.ndim
-    table = torch.as_tensor(sigmas).to(device=device, dtype=dtype).reshape(-1)
-    if table.numel() < 2:
-        raise ValueError(f"the sigma table needs at least 2 entries (N+1 for N steps), got {table.numel()}")
-    idx = torch.as_tensor(step_index, dtype=torch.long)
-    if idx.device.type == "cpu" and bool(((idx < 0) | (idx >= table.numel() - 1)).any()):  # no device sync
-        raise ValueError(f"step index out of range for a {table.numel() - 1}-step table: {step_index}")
-    idx = idx.to(device)
-    sigma = _per_sample(table[idx], batch, ndim)
-    sigma_next = _per_sample(table[idx + 1], batch, ndim)
-    if isinstance(noise_level, (int, float)) and not noise_level >= 0:
-        raise GenrewardError(f"noise_level must be >= 0, got {noise_level}")
-    a = _per_sample(torch.as_tensor(noise_level, dtype=dtype).to(device), batch, ndim)
-    x = sample.to(dtype)
-    v = model_output.to(dtype)
-    dt = sigma_next - sigma  # Δ < 0
-    if kind == "sde":
-        # The first step (σ = 1) divides by 1 − σ_1 instead of 1 − σ: the official code's sigma_max is sigmas[1].
-        sigma_tilde = torch.where(sigma == 1, table[1], sigma)
-        std = a * torch.sqrt(sigma / (1 - sigma_tilde))
-        mean = x * (1 + std**2 / (2 * sigma) * dt) + v * (1 + std**2 * (1 - sigma) / (2 * sigma)) * dt
-        tau = std * torch.sqrt(-dt)
-    elif kind == "cps":
-        std = sigma_next * torch.sin(a * (math.pi / 2))
-        x0 = x - sigma * v
-        x1 = x + (1 - sigma) * v
-        mean = x0 * (1 - sigma_next) + x1 * torch.sqrt((sigma_next**2 - std**2).clamp(min=0))
-        tau = std
-    else:  # dance
-        std = a * torch.sqrt(sigma - sigma_next)
-        x0 = x - sigma * v
-        score = -(x - x0 * (1 - sigma)) / sigma**2
-        mean = x + dt * v + (-0.5 * a**2 * score) * dt
-        tau = std
-    return mean, _batch_shape(std, batch, ndim), _batch_shape(tau, batch, ndim)
-
-
-def flow_step_with_logprob(
-    sigmas: torch.Tensor | Sequence[float],
-    model_output: torch.Tensor,
-    sample: torch.Tensor,
-    step_index: int | torch.Tensor,
-    noise_level: float | torch.Tensor,
-    prev_sample: torch.Tensor | None = None,
-    noise: torch.Tensor | None = None,
-    kind: FlowKind = "sde",
-    reduction: Reduction = "mean",
-    generator: torch.Generator | Sequence[torch.Generator] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One stochastic flow-matching step and log π(x_{i+1} | x_i) (flow_grpo.md §4).
-
-    Sampling mode (``prev_sample`` None): x_{i+1} = μ + τ·z with z = ``noise`` or drawn from ``generator``
-    (one generator per sample keeps a sample independent of its batch), rounded to ``sample.dtype`` *before*
-    the density, so the log-prob belongs to the stored latent and re-evaluating it with ``prev_sample=``
-    gives the same value. Evaluation mode: the log-prob of the given ``prev_sample`` (detached: gradients
-    reach only μ, i.e. ``model_output`` and ``sample``).
-
-    log p: ``'sde'``/``'dance'`` the Gaussian log-density, ``'cps'`` the unnormalised −(x_{i+1} − μ)²;
-    reduced over non-batch dims by ``reduction`` (mean = the official convention, or sum).
-    ``noise_level`` 0 gives exactly the diffusers Euler step for sample and mean; its log p is NaN for
-    ``'sde'``/``'dance'`` (no density; do not train on it) and 0 for ``'cps'``.
-
-    Returns (prev_sample in ``sample.dtype``, log_prob [B] (fp32 or fp64), mean, std [B,1,…,1]) with std = s_i
-    for ``'sde'`` (the transition std is s_i·sqrt(σ_i − σ_{i+1})) and the transition std for the others.
-    """
-    mean, std, tau = flow_mean_std(sigmas, model_output, sample, step_index, noise_level, kind)
-    if prev_sample is None:
-        if noise is None:
-            noise = randn_like_per_sample(mean, generator)
-        # Round to the stored dtype first: the recorded log-prob must be that of the latent the caller keeps.
-        prev_sample = (mean + tau * noise.to(device=mean.device, dtype=mean.dtype)).to(sample.dtype)
-    x_next = prev_sample.detach().to(mean.dtype)
-    sq = (x_next - mean) ** 2
-    if kind == "cps":
-        log_prob = reduce_elements(-sq, reduction)
-    else:
-        elem = -sq / (2 * tau**2) - torch.log(tau) - _HALF_LOG_2PI
-        log_prob = reduce_elements(elem, reduction)
-        # τ = 0 (noise level 0) has no density: report NaN explicitly rather than a 0/0 or an inf.
-        log_prob = torch.where(tau.reshape(-1) > 0, log_prob, torch.full_like(log_prob, float("nan")))
-    return prev_sample.to(sample.dtype), log_prob, mean, std
-
-
-def euler_step(
-    sigmas: torch.Tensor | Sequence[float], model_output: torch.Tensor, sample: torch.Tensor, step_index: int | torch.Tensor
-) -> torch.Tensor:
-    """The deterministic Euler step x + (σ_{i+1} − σ_i)·v exactly as diffusers' ``FlowMatchEulerDiscreteScheduler``
-    computes it (fp32, then cast to ``sample.dtype``; diffusers casts to the model output's dtype, the same thing
-    when the two match): the a = 0 steps outside a Fast / MixGRPO window."""
-    dtype = _compute_dtype(sample, model_output)
-    table = torch.as_tensor(sigmas).to(device=sample.device, dtype=dtype).reshape(-1)
-    idx = torch.as_tensor(step_index, dtype=torch.long).to(sample.device)
-    dt = _per_sample(table[idx + 1] - table[idx], sample.shape[0], sample.ndim)
-    return (sample.to(dtype) + dt * model_output.to(dtype)).to(sample.dtype)
 
 
 # ------------------------------------------------------------------------------------------ the schedules

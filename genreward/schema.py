@@ -15,9 +15,11 @@ from genreward.rewards.base import RewardSpec
 
 @dataclass
 class ModelConfig:
-    """Which pipeline to load and where. ``pipeline``: hub id, local folder, ``tiny:sd`` or ``tiny:sd-v``."""
+    """Which pipeline to load and where. ``pipeline``: hub id, local folder or a spec (``tiny:sd``, ``tiny:sd3``,
+    ``tiny:flux``, ``tiny:sdxl``, ``random:...``). ``family`` overrides the family detected from the pipeline class."""
 
     pipeline: str = "tiny:sd"
+    family: Literal["sd", "sdxl", "sd3", "flux"] | None = None
     device: str = "auto"  # auto = CUDA when present, else CPU
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     lora: str | None = None  # fine-tuned LoRA weights (folder or .safetensors) applied on load
@@ -26,7 +28,12 @@ class ModelConfig:
 
 @dataclass
 class SampleConfig:
-    """DDIM sampling: steps, classifier-free guidance, stochasticity and image size."""
+    """Sampling: steps, guidance, stochasticity and image size.
+
+    ``eta`` is DDIM's η (SD, SDXL). Flow families (SD3, FLUX) use ``noise_level`` (Flow-GRPO's a, default 0.7;
+    0 = the deterministic Euler sampler), ``flow_kernel`` (sde | cps | dance) and ``sde_window`` ([start, size]: only
+    those steps are stochastic, Flow-GRPO-Fast; null = all). FLUX takes ``guidance_scale`` as its guidance embedding.
+    """
 
     num_steps: int = 50
     guidance_scale: float = 5.0  # classifier-free guidance weight w >= 0; w <= 1 switches guidance off
@@ -36,8 +43,15 @@ class SampleConfig:
     height: int | None = None  # None = the U-Net's native size; a multiple of VAE factor × U-Net downsampling (64 for SD)
     width: int | None = None
     logprob_reduction: Literal["mean", "sum"] = "mean"
+    noise_level: float = 0.7
+    flow_kernel: Literal["sde", "cps", "dance"] = "sde"
+    sde_window: list[int] | None = None
 
     def __post_init__(self) -> None:
+        if self.noise_level < 0 or not math.isfinite(self.noise_level):
+            raise ValueError(f"key 'sample.noise_level' must be >= 0, got {self.noise_level}")
+        if self.sde_window is not None and (len(self.sde_window) != 2 or min(self.sde_window) < 0):
+            raise ValueError(f"key 'sample.sde_window' must be [start, size] with both >= 0, got {self.sde_window}")
         if self.num_steps < 1:
             raise ValueError(f"key 'sample.num_steps' must be >= 1, got {self.num_steps}")
         if self.batch_size < 1:

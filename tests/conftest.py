@@ -55,3 +55,13 @@ def load_bench():
 def load_experiment():
     """Import a script from ``experiments/`` by name, e.g. ``load_experiment("world_reward_backprop")``."""
     return lambda name: _load_script("experiments", name)
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one AcceleratorState per process; a test that changes mixed precision starts a new one."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()

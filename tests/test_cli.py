@@ -111,6 +111,7 @@ def test_train_config_error_names_key_and_file(tmp_path):
     assert_one_line_error(proc, "quickstart.yaml", "prdp.betta", "beta")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["prdp_sd14_small_hpsv2", "prdp_sd14_large_hpsv2", "prdp_sd14_multi", "ddpo_sd15_compressibility"])
 def test_paper_configs_load_and_fail_only_at_model_download(tmp_path, config):
     """The paper configs are valid; offline, they stop with the clear offline-model message (the large setting's

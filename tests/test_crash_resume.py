@@ -334,6 +334,7 @@ def test_total_limit_keeps_the_newest_checkpoints(tmp_path):
     assert [n for n, _ in rd.list_checkpoints()] == [4, 6]
 
 
+@pytest.mark.slow
 def test_renamed_checkpoint_keys_name_the_new_key(tmp_path):
     proc = _train(_write_config(tmp_path, "prdp"), tmp_path / "run", "checkpoint.every_epochs=2")
     assert proc.returncode == 2 and "use 'checkpoint.every'" in proc.stderr

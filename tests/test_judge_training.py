@@ -135,7 +135,9 @@ def test_trains_red_blue_resumes_and_round_trips(tmp_path: Path) -> None:
     eval_path = _red_blue(tmp_path / "eval", 16, seed=1)
     _, train = get_trainer("reward_model")
     config = _config(tmp_path, train_path, eval_path)
+    config.logging.trackers = ["tensorboard"]  # the policy trainers' accelerate set-up and trackers
     result = train(config)
+    assert list((tmp_path / "run" / "logs").rglob("events.out.tfevents.*")), "no TensorBoard events written"
     assert result["majority_baseline"] == pytest.approx(0.5)
     assert result["heldout_accuracy"] > 0.9, result
     records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -159,6 +159,7 @@ def test_prompt_set_smaller_than_n_is_clear_error(tmp_path):
 # -------------------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_nft_end_to_end_outputs_and_sampling_reads_theta_old(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
@@ -204,6 +205,7 @@ def test_nft_end_to_end_outputs_and_sampling_reads_theta_old(tmp_path, monkeypat
     assert theta.keys() == ema.keys() and any(not torch.equal(theta[k], ema[k]) for k in theta)
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical(tmp_path):
     """Train 3 epochs straight; versus 2 epochs, then resume from the latest checkpoint to 3."""
     from safetensors.torch import load_file
@@ -256,6 +258,7 @@ def test_nan_rewards_are_left_out(tmp_path, caplog):
 # --------------------------------------------------------------------------------- item 15: CFG-free
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("guidance", [1.0, 4.0])
 def test_item15_training_forwards_use_conditional_embeddings_only(tmp_path, monkeypatch, guidance):
     """Training calls (one timestep per sample) never see the unconditional embedding, whatever the sampler's CFG."""

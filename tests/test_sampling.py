@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from genreward.errors import GenrewardError
+from genreward.models.families import family_of
 from genreward.sampling import (
     ddim_mean_std,
     ddim_step_with_logprob,
@@ -63,7 +64,7 @@ def test_recomputed_log_probs_equal_recorded(tiny_pipe):
     traj = sample_trajectories(tiny_pipe, PROMPTS, num_steps=8, guidance_scale=5.0, eta=1.0, seeds=[0, 1, 2, 3])
     assert traj.log_probs.shape == (4, 8)
     with torch.no_grad():
-        recomputed = torch.stack([step_log_prob(tiny_pipe.unet, tiny_pipe.scheduler, traj, k) for k in range(8)], dim=1)
+        recomputed = torch.stack([step_log_prob(tiny_pipe.unet, family_of(tiny_pipe), traj, k) for k in range(8)], dim=1)
     assert (recomputed - traj.log_probs).abs().max().item() < 1e-6
     ratio = torch.exp(recomputed - traj.log_probs)
     assert ((ratio - 1).abs() > 1e-4).float().mean().item() == 0.0  # clipfrac = 0 before the first update
@@ -114,7 +115,7 @@ def test_trajectory_shapes_and_ranges(tiny_pipe):
     assert traj.timesteps.tolist() == tiny_pipe.scheduler.timesteps.tolist()
     assert traj.images.shape == (3, 3, 32, 32)
     assert 0.0 <= traj.images.min().item() and traj.images.max().item() <= 1.0
-    assert traj.prompt_embeds.shape[0] == 3 and traj.negative_prompt_embeds.shape == traj.prompt_embeds.shape
+    assert traj.prompt_embeds.shape[0] == 3 and traj.uncond["encoder_hidden_states"].shape == traj.prompt_embeds.shape
     assert torch.isfinite(traj.log_probs).all()
 
 
@@ -155,7 +156,7 @@ def test_per_sample_steps_equal_single_step_evaluation(tiny_pipe):
     traj = sample_trajectories(tiny_pipe, PROMPTS, num_steps=6, seeds=[0, 1, 2, 3])
     steps = torch.tensor([5, 0, 3, 3])
     with torch.no_grad():
-        mixed = step_log_prob(tiny_pipe.unet, tiny_pipe.scheduler, traj, steps)
+        mixed = step_log_prob(tiny_pipe.unet, family_of(tiny_pipe), traj, steps)
     torch.testing.assert_close(mixed, traj.log_probs[torch.arange(4), steps], atol=1e-5, rtol=0)
 
 
@@ -191,7 +192,7 @@ def test_recorded_log_prob_belongs_to_the_rounded_sample(tiny_pipe, dtype, step)
 
 def _recompute_all_steps(pipe, traj):
     with torch.no_grad():
-        return torch.stack([step_log_prob(pipe.unet, pipe.scheduler, traj, k) for k in range(traj.num_steps)], dim=1)
+        return torch.stack([step_log_prob(pipe.unet, family_of(pipe), traj, k) for k in range(traj.num_steps)], dim=1)
 
 
 def test_fp32_recomputed_importance_ratio_is_exactly_one(tiny_pipe):
@@ -256,5 +257,5 @@ def test_sampling_uses_eval_mode_so_dropout_does_not_change_samples():
     assert {name: m.training for name, m in pipe.unet.named_modules()} == before
     pipe.unet.eval()
     with torch.no_grad():
-        recomputed = torch.stack([step_log_prob(pipe.unet, pipe.scheduler, a, k) for k in range(4)], dim=1)
+        recomputed = torch.stack([step_log_prob(pipe.unet, family_of(pipe), a, k) for k in range(4)], dim=1)
     assert (recomputed - a.log_probs).abs().max().item() == 0.0

@@ -85,6 +85,7 @@ def test_spec9_10_logprob_plumbing_at_initialisation(tmp_path):
         run.accelerator.end_training()
 
 
+@pytest.mark.slow
 def test_prdp_nonfinite_rewards_are_dropped_and_counted(tmp_path, caplog):
     config, train = _config(tmp_path, ["reward.0.name=test_nan_on_even", "eval.enabled=false", "prdp.epochs=1"])
     with caplog.at_level("WARNING"):
@@ -106,7 +107,7 @@ def test_prompt_set_smaller_than_n_is_clear_error(tmp_path):
 def test_unknown_trainer_and_reward_names(tmp_path):
     from trainers import get_trainer
 
-    with pytest.raises(GenrewardError, match=r"unknown trainer 'prdpp'.*available trainers: ddpo, nft, prdp"):
+    with pytest.raises(GenrewardError, match=r"unknown trainer 'prdpp'.*available trainers: ddpo, grpo, nft, prdp"):
         get_trainer("prdpp")
     config, train = _config(tmp_path, ["reward.0.name=not_a_reward"])
     with pytest.raises(GenrewardError, match=r"unknown reward 'not_a_reward'"):
@@ -172,6 +173,7 @@ TINY_DDPO = {
 }
 
 
+@pytest.mark.slow
 def test_ddpo_end_to_end_ratio_one_on_policy(tmp_path):
     config, train = _config(tmp_path, base=TINY_DDPO)
     train(config)
@@ -221,6 +223,7 @@ def test_accelerate_launch_replicas_identical_and_save_does_not_hang(tmp_path, n
     assert [r["num_samples"] for r in rows] == [6, 6]  # 2 prompts × 3 images, gathered over all processes
 
 
+@pytest.mark.slow
 def test_stateful_reward_state_is_checkpointed(tmp_path):
     """A shaping reward's running statistics travel with the checkpoint (JSON in trainer_state.json)."""
     config, train = _config(
@@ -281,16 +284,6 @@ def test_prdp_with_vlm_judge_reward_config(tmp_path):
     assert row["num_pairs"] > 0 and row["loss"] == row["loss"]
     summary = json.loads((tmp_path / "judge" / "eval" / "final" / "summary.json").read_text())
     assert set(summary) == {"vlm_judge"}
-
-
-@pytest.fixture
-def fresh_accelerator_state():
-    """accelerate keeps one AcceleratorState per process; a test that changes mixed precision starts a new one."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state()
-    yield
-    AcceleratorState._reset_state()
 
 
 @pytest.mark.parametrize("precision", ["no", "bf16"])

@@ -18,6 +18,7 @@ TRAINERS: dict[str, tuple[str, str]] = {
     "rpo": ("trainers.rpo", "RPOConfig"),
     "sds3d": ("trainers.sds3d", "SDS3DConfig"),
     "nft": ("trainers.nft", "NFTConfig"),
+    "grpo": ("trainers.grpo", "GRPOConfig"),
 }
 
 

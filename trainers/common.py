@@ -34,6 +34,7 @@ from genreward.config import check_output_dir, to_dict
 from genreward.errors import GenrewardError
 from genreward.jsonl import read_jsonl
 from genreward.models.device import resolve_dtype
+from genreward.models.families import family_of
 from genreward.models.hub import first_line
 from genreward.prompts import PromptItem, load_prompts
 from genreward.rewards.base import Reward, RewardSpec, build_from_spec
@@ -56,7 +57,7 @@ class LoraSection:
 
     rank: int = 4
     alpha: float | None = None
-    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS_DEFAULT))
+    targets: list[str] | None = None  # None = the model family's (SD: to_q/k/v/out.0; SD3/FLUX: + add_*_proj, to_add_out)
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -66,7 +67,7 @@ class LoraSection:
             raise ValueError(f"key 'train.lora.alpha' must be > 0 or null (= rank), got {self.alpha}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"key 'train.lora.dropout' must be in [0, 1), got {self.dropout}")
-        if not self.targets:
+        if self.targets is not None and not self.targets:
             raise ValueError(f"key 'train.lora.targets' must name at least one module, e.g. {LORA_TARGETS_DEFAULT}")
 
 
@@ -216,6 +217,52 @@ def _flat(prefix: str, value: Any, out: dict) -> dict:
 # -------------------------------------------------------------------------------------------- the run
 
 
+# ------------------------------------------------------------------------------------- accelerate set-up
+
+
+def tracker_available(name: str) -> bool:
+    """Whether tracker ``name`` can run here: wandb without its package is skipped with a warning; unknown names stop."""
+    if name == "wandb":
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            log.warning("tracker 'wandb' asked for but the wandb package is not installed; skipping it")
+            return False
+    elif name not in ("tensorboard",):
+        raise GenrewardError(f"unknown tracker '{name}' in logging.trackers; use tensorboard or wandb")
+    return True
+
+
+def make_accelerator(output_dir: Path, logging_cfg: "LoggingSection", device: str | None = None,
+                     mixed_precision: str = "no"):
+    """The one accelerate set-up of every trainer: mixed precision, CPU when asked, trackers logging under
+    ``<output_dir>/logs``. Trackers start with :func:`start_trackers` once the run folder is ready."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    trackers = [t for t in logging_cfg.trackers if tracker_available(t)]
+    return Accelerator(
+        mixed_precision=mixed_precision,
+        cpu=device == "cpu",
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(Path(output_dir) / "logs")),
+    )
+
+
+def start_trackers(acc, config: Any) -> None:
+    """Start the accelerator's trackers with the flattened config as hyper-parameters (no-op without trackers)."""
+    if acc.log_with:
+        acc.init_trackers(config.logging.project, config=_flat("", to_dict(config), {}))
+
+
+def log_record(acc, run_dir: RunDir, record: dict) -> None:
+    """One line in metrics.jsonl (main process) and its finite scalars to the trackers, at the run's unit."""
+    run_dir.log(record)
+    if acc.trackers:
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        acc.log(scalars, step=int(record.get(run_dir.unit, 0)))
+
+
 class TrainingRun:
     """Everything a trainer's loop needs besides its algorithm: models, optimiser, logging, checkpoints.
 
@@ -241,8 +288,7 @@ class TrainingRun:
         checkpoint_objects: dict[str, Any] | None = None,
         train_mode: bool = False,
     ) -> None:
-        from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration, set_seed
+        from accelerate.utils import set_seed
 
         self.config = config
         self.model_cfg, self.train_cfg, self.ckpt_cfg = config.model, config.train, config.checkpoint
@@ -251,19 +297,13 @@ class TrainingRun:
         self.output_dir = Path(config.output_dir)
         self.checkpoint_objects = dict(checkpoint_objects or {})
         self._train_mode = train_mode
-        logging_cfg = config.logging
-        trackers = [t for t in logging_cfg.trackers if self._tracker_available(t)]
         check_output_dir(self.output_dir)  # under a file, unwritable: one line before anything loads
         self.run_dir = RunDir(self.output_dir, unit, config.checkpoint)
         resume = self.run_dir.prepare()  # raises on a conflicting folder / damaged named checkpoint; writes nothing
         if resume is not None:
             self._check_checkpoint_kind(resume)  # rank / trainable mismatch: one line, before the models load
-        self.accelerator = Accelerator(
-            mixed_precision=self.train_cfg.mixed_precision,
-            cpu=self.model_cfg.device == "cpu",
-            log_with=trackers or None,
-            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
-        )
+        self.accelerator = make_accelerator(self.output_dir, config.logging, device=self.model_cfg.device,
+                                            mixed_precision=self.train_cfg.mixed_precision)
         acc = self.accelerator
         self.run_dir.is_main = acc.is_main_process
         if acc.distributed_type.name == "FSDP":
@@ -290,8 +330,7 @@ class TrainingRun:
         if resume is not None:
             self.reward_means = [r["reward_mean"] for r in self.run_dir.metrics() if r.get("reward_mean") is not None]
         acc.wait_for_everyone()
-        if trackers:
-            acc.init_trackers(logging_cfg.project, config=_flat("", to_dict(config), {}))
+        start_trackers(acc, config)
         self.last_saved = self.start if resume is not None else None
         # Trainer hooks: writers of extra checkpoint files (called with the folder being written, before its
         # manifest; e.g. NFT's old policy and EMA as safetensors) and a context manager active during evaluation.
@@ -319,18 +358,6 @@ class TrainingRun:
         return self.start
 
     # ------------------------------------------------------------------------------------ models
-    @staticmethod
-    def _tracker_available(name: str) -> bool:
-        if name == "wandb":
-            try:
-                import wandb  # noqa: F401
-            except ImportError:
-                log.warning("tracker 'wandb' asked for but the wandb package is not installed; skipping it")
-                return False
-        elif name not in ("tensorboard",):
-            raise GenrewardError(f"unknown tracker '{name}' in logging.trackers; use tensorboard or wandb")
-        return True
-
     def _load_models(self, need_reference: bool) -> None:
         from genreward.models import load_pipeline
 
@@ -344,20 +371,24 @@ class TrainingRun:
             device=acc.device,
             dtype=low_precision if cfg.trainable == "lora" else "fp32",
             unet=self.model_cfg.unet,
+            family=self.model_cfg.family,
         )
+        self.family = family_of(pipe, self.model_cfg.family)
+        unet = self.family.denoiser  # U-Net or transformer: "unet" below names whichever denoises
         if cfg.trainable == "full":
-            pipe.vae.to(dtype=resolve_dtype(low_precision))
-            pipe.text_encoder.to(dtype=resolve_dtype(low_precision))
+            for name, module in pipe.components.items():
+                if isinstance(module, torch.nn.Module) and module is not unet:
+                    module.to(dtype=resolve_dtype(low_precision))
         if cfg.attention == "xformers":
             try:
                 pipe.enable_xformers_memory_efficient_attention()
             except Exception as exc:
                 raise GenrewardError(f"train.attention=xformers but xformers cannot be used here: {str(exc).splitlines()[0]}") from None
-        unet = pipe.unet
         self.reference_unet = None
         if cfg.trainable == "lora":
             from peft import LoraConfig
 
+            targets = list(cfg.lora.targets) if cfg.lora.targets is not None else list(self.family.lora_targets)
             try:
                 unet.add_adapter(
                     LoraConfig(
@@ -365,13 +396,13 @@ class TrainingRun:
                         lora_alpha=cfg.lora.alpha if cfg.lora.alpha is not None else cfg.lora.rank,
                         lora_dropout=cfg.lora.dropout,
                         init_lora_weights="gaussian",
-                        target_modules=list(cfg.lora.targets),
+                        target_modules=targets,
                     )
                 )
             except ValueError as exc:  # peft: no module matches (NoMatchingPeftModuleError), unsupported layer type
                 raise GenrewardError(
-                    f"train.lora.targets={list(cfg.lora.targets)} does not fit the U-Net of {self.model_cfg.pipeline!r}: "
-                    f"{first_line(exc, 160)} (module names end with e.g. {', '.join(LORA_TARGETS_DEFAULT)})"
+                    f"train.lora.targets={targets} does not fit the {self.family.denoiser_attr} of {self.model_cfg.pipeline!r}: "
+                    f"{first_line(exc, 160)} (family {self.family.name} targets e.g. {', '.join(self.family.lora_targets)})"
                 ) from None
             for p in unet.parameters():
                 if p.requires_grad:
@@ -429,7 +460,9 @@ class TrainingRun:
         """Trajectories of the policy (or ``model``) with the config's sampler settings (``overrides`` win)."""
         s = self.sample_cfg
         kwargs = dict(num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=s.eta, negative_prompt=s.negative_prompt,
-                      batch_size=s.batch_size, height=s.height, width=s.width, reduction=s.logprob_reduction)
+                      batch_size=s.batch_size, height=s.height, width=s.width, reduction=s.logprob_reduction,
+                      noise_level=s.noise_level, flow_kind=s.flow_kernel,
+                      sde_window=tuple(s.sde_window) if s.sde_window is not None else None, family=self.family.name)
         kwargs.update(overrides)
         with self.accelerator.autocast():
             return sample_trajectories(self.pipe, list(prompts), seeds=list(seeds), unet=model if model is not None else self.policy, **kwargs)
@@ -437,12 +470,12 @@ class TrainingRun:
     def log_probs(self, traj: Trajectory, model: torch.nn.Module | None = None) -> torch.Tensor:
         """log π(x_{t'} | x_t, c) of every stored transition under ``model`` (default: the policy) → [B, T]."""
         with self.accelerator.autocast():
-            return passes.recompute_log_probs(model if model is not None else self.policy, self.pipe.scheduler, traj,
+            return passes.recompute_log_probs(model if model is not None else self.policy, self.family, traj,
                                               self.train_cfg.chunk_size, self.sample_cfg.logprob_reduction)
 
     def backward_weighted(self, traj: Trajectory, weights: torch.Tensor) -> None:
         """Pass 2 of the exact two-pass gradient (see :func:`trainers.passes.backward_weighted`)."""
-        passes.backward_weighted(self.unet, self.pipe.scheduler, traj, weights, self.train_cfg.chunk_size,
+        passes.backward_weighted(self.unet, self.family, traj, weights, self.train_cfg.chunk_size,
                                  self.sample_cfg.logprob_reduction, self.accelerator)
 
     def optimizer_step(self) -> float:
@@ -480,10 +513,7 @@ class TrainingRun:
         acc = self.accelerator
         if "reward_mean" in record:
             self.reward_means.append(record["reward_mean"])
-        self.run_dir.log(record)
-        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-        if acc.trackers:
-            acc.log(scalars, step=int(record.get(self.run_dir.unit, 0)))
+        log_record(acc, self.run_dir, record)
 
     def gather_rewards(self, rewards: torch.Tensor) -> torch.Tensor:
         return self.accelerator.gather(rewards.contiguous())
@@ -519,7 +549,7 @@ class TrainingRun:
         policy, trainable = self.policy, self.train_cfg.trainable
 
         def write_files(folder: Path) -> None:
-            save_unet_weights(policy, folder, trainable)
+            save_unet_weights(policy, folder, trainable, self.family)
             save_tree(self.optimizer.state_dict(), folder / "optimizer.safetensors")
             save_tree(rng_state(), folder / "rng.safetensors")
             for writer in self.extra_checkpoint_writers:
@@ -557,7 +587,7 @@ class TrainingRun:
         acc = self.accelerator
         state = self.run_dir.load_state(path)
         try:
-            load_unet_weights(self.policy, path, self.train_cfg.trainable)
+            load_unet_weights(self.policy, path, self.train_cfg.trainable, self.family)
             self.optimizer.load_state_dict(load_tree(path / "optimizer.safetensors"))
             set_rng_state(load_tree(path / "rng.safetensors"))
         except GenrewardError:
@@ -672,19 +702,20 @@ def training_progress(acc, start: int, total: int, unit: str = "epoch"):
 # ------------------------------------------------------------------------------------- weights I/O
 
 
-def save_unet_weights(unet: torch.nn.Module, folder: str | Path, trainable: str) -> None:
-    """Diffusers format: ``pytorch_lora_weights.safetensors`` (loadable by ``pipe.load_lora_weights``) or ``unet/``."""
-    from diffusers import StableDiffusionPipeline
+def save_unet_weights(unet: torch.nn.Module, folder: str | Path, trainable: str, family=None) -> None:
+    """Diffusers format of the denoiser (U-Net or transformer): ``pytorch_lora_weights.safetensors`` that the family's
+    pipeline class loads with ``load_lora_weights``, or the full model folder (``unet/`` / ``transformer/``).
+    ``family`` None = SD (a U-Net)."""
+    from genreward.models.families import SDFamily
 
+    family = family or SDFamily(None)
     folder = Path(folder)
     if trainable == "lora":
-        from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=state, safe_serialization=True)
+        family.save_lora(get_peft_model_state_dict(unet), str(folder))
     else:
-        unet.save_pretrained(str(folder / "unet"), safe_serialization=True)
+        unet.save_pretrained(str(folder / family.denoiser_attr), safe_serialization=True)
 
 
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
@@ -709,11 +740,13 @@ def _peft_rank(unet: torch.nn.Module) -> int | None:
     return getattr(config, "r", None)
 
 
-def load_unet_weights(unet: torch.nn.Module, folder: str | Path, trainable: str) -> None:
-    """Inverse of :func:`save_unet_weights` into an existing (LoRA-injected, for ``lora``) U-Net."""
+def load_unet_weights(unet: torch.nn.Module, folder: str | Path, trainable: str, family=None) -> None:
+    """Inverse of :func:`save_unet_weights` into an existing (LoRA-injected, for ``lora``) denoiser."""
+    from genreward.models.families import SDFamily
+
+    family = family or SDFamily(None)
     folder = Path(folder)
     if trainable == "lora":
-        from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_unet_state_dict_to_peft
         from peft import set_peft_model_state_dict
 
@@ -721,16 +754,13 @@ def load_unet_weights(unet: torch.nn.Module, folder: str | Path, trainable: str)
         if held is not None and wanted is not None and held != wanted:
             raise GenrewardError(f"LoRA checkpoint {folder} has rank {held} but the model's LoRA has rank {wanted} "
                                  f"(train.lora.rank={held} fits it)")
-        state, _ = StableDiffusionPipeline.lora_state_dict(str(folder))
-        unet_state = {k[len("unet.") :]: v for k, v in state.items() if k.startswith("unet.")}
-        result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state), adapter_name="default")
+        own = family.lora_state(str(folder))
+        result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(own), adapter_name="default")
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
             raise GenrewardError(f"LoRA checkpoint {folder} does not match the model (unexpected keys, e.g. {unexpected[0]})")
     else:
-        from diffusers import UNet2DConditionModel
-
-        loaded = UNet2DConditionModel.from_pretrained(str(folder / "unet"))
+        loaded = type(unet).from_pretrained(str(folder / family.denoiser_attr))
         unet.load_state_dict(loaded.state_dict())
 
 

@@ -32,6 +32,7 @@ from trainers.common import (
 )
 from trainers.diagnostics import epoch_record
 from trainers.losses import PerPromptStatTracker, accumulation_divisors, batch_advantages, ddpo_loss
+from trainers.passes import stochastic_step_indices
 from trainers.prdp import load_checked_prompts, stop_without_finite_rewards
 from trainers.run_dir import fault_point
 
@@ -88,8 +89,6 @@ def train(config: DDPOConfig) -> dict:
     local = run.local_slice(d.samples_per_epoch, "ddpo.samples_per_epoch")
     if eval_items and run.start == 0:
         run.evaluate("before", eval_items, eval_rewards)
-    T = config.sample.num_steps
-    t_train = max(1, int(T * d.timestep_fraction))
     progress = training_progress(acc, run.start, d.epochs)
 
     for epoch in range(run.start, d.epochs):
@@ -111,11 +110,14 @@ def train(config: DDPOConfig) -> dict:
         advantages = torch.as_tensor(np.asarray(adv_all)[local], dtype=torch.float32, device=acc.device)
         stats_sum: dict[str, float] = {}
         n_stats, first_ratio = 0, None
+        stochastic = torch.tensor(stochastic_step_indices(traj), dtype=torch.long)
+        t_train = max(1, int(len(stochastic) * d.timestep_fraction))
         with timer("training"):
             for inner in range(d.inner_epochs):
                 g = torch.Generator().manual_seed(derived_seed(config.train.seed, epoch, 2, acc.process_index, inner))
                 order = torch.randperm(len(traj), generator=g)
-                time_order = torch.stack([torch.randperm(T, generator=g) for _ in range(len(traj))])
+                # each sample's own random order of its stochastic steps (all T for DDIM; a flow SDE window otherwise)
+                time_order = stochastic[torch.stack([torch.randperm(len(stochastic), generator=g) for _ in range(len(traj))])]
                 minibatches = [order[i : i + d.minibatch_size] for i in range(0, len(traj), d.minibatch_size)]
                 accum = d.gradient_accumulation_steps * t_train
                 slots = [(mb, j) for mb in minibatches for j in range(t_train)]
@@ -126,7 +128,7 @@ def train(config: DDPOConfig) -> dict:
                     ctx = acc.no_sync(run.unet) if not sync else contextlib.nullcontext()
                     with ctx:
                         with acc.autocast():
-                            lp = step_log_prob(run.unet, run.pipe.scheduler, traj, steps, mb, config.sample.logprob_reduction)
+                            lp = step_log_prob(run.unet, run.family, traj, steps, mb, config.sample.logprob_reduction)
                         old = traj.log_probs[mb, steps]
                         loss, stats = ddpo_loss(lp, old, advantages[mb], d.clip_range, d.adv_clip_max)
                         acc.backward(loss / divisors[n])

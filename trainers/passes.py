@@ -5,7 +5,8 @@
 * :func:`backward_weighted` — PRDP's pass 2 (docs/algorithms/prdp.md §4.1): back-propagate
   Σ_{i,t} w[i,t]·log π_θ(i,t) chunk by chunk, so memory is that of one U-Net call of ``chunk_size`` trajectories.
 
-Both go through :func:`genreward.sampling.step_log_prob`, the one implementation of the step density.
+Both go through :func:`genreward.sampling.step_log_prob`, the one implementation of the step density, with the
+model family (:func:`genreward.models.families.family_of`) that denoises.
 """
 
 from __future__ import annotations
@@ -26,17 +27,23 @@ def chunks(total: int, chunk_size: int) -> list[slice]:
 
 
 @torch.no_grad()
-def recompute_log_probs(model: torch.nn.Module, scheduler: Any, traj: Trajectory, chunk_size: int,
+def recompute_log_probs(model: torch.nn.Module, family: Any, traj: Trajectory, chunk_size: int,
                         reduction: str = "mean") -> torch.Tensor:
-    """``[B, T]`` log-probs of the stored transitions under ``model`` (call inside the run's autocast)."""
-    out = torch.empty(len(traj), traj.num_steps, device=traj.latents.device, dtype=torch.float32)
-    for step in range(traj.num_steps):
+    """``[B, T]`` log-probs of the stored transitions under ``model`` (call inside the run's autocast); NaN at the
+    deterministic steps of a flow trajectory (outside its SDE window), which are not evaluated."""
+    out = torch.full((len(traj), traj.num_steps), float("nan"), device=traj.latents.device, dtype=torch.float32)
+    for step in stochastic_step_indices(traj):
         for idx in chunks(len(traj), chunk_size):
-            out[idx, step] = step_log_prob(model, scheduler, traj, step, idx, reduction)
+            out[idx, step] = step_log_prob(model, family, traj, step, idx, reduction)
     return out
 
 
-def backward_weighted(model: torch.nn.Module, scheduler: Any, traj: Trajectory, weights: torch.Tensor, chunk_size: int,
+def stochastic_step_indices(traj: Trajectory) -> list[int]:
+    """The steps that have a density (all of a DDIM trajectory with η > 0; a flow trajectory's SDE window)."""
+    return [k for k, s in enumerate(traj.stochastic) if s]
+
+
+def backward_weighted(model: torch.nn.Module, family: Any, traj: Trajectory, weights: torch.Tensor, chunk_size: int,
                       reduction: str = "mean", accelerator: Any = None, steps: Sequence[int] | None = None) -> None:
     """Accumulate ∇ Σ_{i,t} weights[i,t]·log π_model(i,t) into the trainable parameters' ``.grad``.
 
@@ -44,16 +51,16 @@ def backward_weighted(model: torch.nn.Module, scheduler: Any, traj: Trajectory, 
     at the last chunk (``no_sync`` before it). Without one, plain ``loss.backward()``. ``steps`` restricts the sum
     to those denoising steps (e.g. to split a gradient by timestep range).
     """
-    steps = range(traj.num_steps) if steps is None else steps
+    steps = stochastic_step_indices(traj) if steps is None else steps
     jobs = [(step, idx) for step in steps for idx in chunks(len(traj), chunk_size)]
     for n, (step, idx) in enumerate(jobs):
         last = n == len(jobs) - 1
         if accelerator is None:
-            lp = step_log_prob(model, scheduler, traj, step, idx, reduction)
+            lp = step_log_prob(model, family, traj, step, idx, reduction)
             (weights[idx, step].to(lp.dtype).detach() * lp).sum().backward()
             continue
         ctx = contextlib.nullcontext() if last else accelerator.no_sync(model)
         with ctx:
             with accelerator.autocast():
-                lp = step_log_prob(model, scheduler, traj, step, idx, reduction)
+                lp = step_log_prob(model, family, traj, step, idx, reduction)
             accelerator.backward((weights[idx, step].to(lp.dtype).detach() * lp).sum())

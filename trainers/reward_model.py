@@ -16,7 +16,8 @@ The run folder is :class:`trainers.run_dir.RunDir` counting steps: ``checkpoints
 holds the trainable weights (safetensors), the optimiser, lr scheduler and RNG states (safetensors via
 ``save_tree``) and the JSON trainer state; a resumed run is bitwise the uninterrupted one (same loss, same
 weights), which is why a frozen vision tower's feature cache is filled in a fixed order before training
-(:func:`prefill_feature_cache`).
+(:func:`prefill_feature_cache`). Accelerate set-up and trackers (``logging.trackers``, default none here) are the
+policy trainers' (:func:`trainers.common.make_accelerator`); scalars go to the trackers at each step logged.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from genreward.images import load_images
 from genreward.jsonl import iter_jsonl
 from genreward.models.vlm import save_genreward_vlm, tokenizer_of
 from genreward.rewards.vlm_judge import VLMJudge
-from trainers.common import LoggingSection, Timer, peak_rss_mb
+from genreward.config import check_output_dir
+from trainers.common import LoggingSection, Timer, log_record, make_accelerator, peak_rss_mb, start_trackers
 from trainers.losses_judge import answer_tokens_ce, pairwise_judge_loss, pointwise_bt_loss, yes_no_ce
 from trainers.run_dir import CheckpointSection, RunDir, fault_point, load_tree, rng_state, save_tree, set_rng_state
 
@@ -466,7 +468,6 @@ def _load_checkpoint(folder: Path, model: torch.nn.Module, peft_model: Any, trai
 
 def train(config: RewardModelConfig) -> dict:
     """Train the judge; returns final numbers and paths (also appended to ``metrics.jsonl``)."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     cfg = config.train
@@ -477,7 +478,8 @@ def train(config: RewardModelConfig) -> dict:
     eval_rows = load_judge_rows(config.data.eval, kind) if config.data.eval else []
     if kind == "pointwise" and eval_rows and not any("label" in r for r in eval_rows):
         raise GenrewardError(f"judge eval file {config.data.eval} has no labelled (yes/no) rows to score")
-    acc = Accelerator(cpu=cfg.device == "cpu")
+    check_output_dir(out)
+    acc = make_accelerator(out, config.logging, device=cfg.device)
     if acc.num_processes > 1:
         raise GenrewardError("trainer reward_model runs in a single process; launch it without accelerate multi-process")
     rd = RunDir(out, "step", config.checkpoint)
@@ -514,6 +516,7 @@ def train(config: RewardModelConfig) -> dict:
             raise GenrewardError(f"checkpoint {resume} is at step {step}, past this config's {total} steps")
         log.info("resumed from %s at step %d", resume, step)
     rd.start(config, resume)
+    start_trackers(acc, config)
     rd.catch_signals()
 
     def do_eval(full: bool = False) -> dict:
@@ -530,7 +533,7 @@ def train(config: RewardModelConfig) -> dict:
     timer = Timer()
     try:
         if step == 0 and eval_rows:
-            rd.log({"step": 0, "majority_baseline": baseline, **do_eval(), "wall_s": 0.0})
+            log_record(acc, rd, {"step": 0, "majority_baseline": baseline, **do_eval(), "wall_s": 0.0})
         while step < total:
             epoch, offset = divmod(step, steps_per_epoch)
             order = list(range(len(train_rows)))
@@ -551,7 +554,7 @@ def train(config: RewardModelConfig) -> dict:
                 with timer("eval"):
                     record = {"step": step, "loss": last_loss, "majority_baseline": baseline, **do_eval(),
                               "wall_s": round(time.perf_counter() - start, 2), "peak_rss_mb": round(peak_rss_mb(), 1)}
-                rd.log(record)
+                log_record(acc, rd, record)
                 log.info("step %d %s", step, record)
             saved = save(step) if rd.due(step, total) or step == total else None
             if rd.stop_signal is not None:
@@ -566,4 +569,5 @@ def train(config: RewardModelConfig) -> dict:
               "wall_s": round(time.perf_counter() - start, 2), "seconds": {k: round(v, 2) for k, v in timer.seconds.items()},
               "judge_dir": str(judge_dir), "metrics": str(rd.metrics_path), "checkpoint": str(rd.checkpoint_path(step))}
     rd.log({"final": True, **{k: v for k, v in result.items() if k not in ("judge_dir", "metrics", "checkpoint")}})
+    acc.end_training()
     return result

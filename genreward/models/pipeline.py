@@ -1,8 +1,9 @@
 """Loading text-to-image pipelines: hub id, local folder, or a registered spec (``tiny:sd``, ``world:shapes-t2i``).
 
-All three go through the same code afterwards: the scheduler is swapped for ``DDIMScheduler`` (the
-sampler's log-probabilities are defined for DDIM), the pipeline moves to the configured device/dtype,
-and optional fine-tuned weights (a LoRA or a full U-Net folder) are applied.
+All three go through the same code afterwards: the model family is detected (:mod:`genreward.models.families`),
+U-Net families get ``DDIMScheduler`` (their log-probabilities are DDIM's), flow families keep their flow-matching
+scheduler, the pipeline moves to the configured device/dtype, and optional fine-tuned weights (a LoRA or a full
+denoiser folder) are applied.
 
 Prefixed specs are looked up in :mod:`genreward.registry` (kind ``"pipeline"``; a loader takes the spec and
 returns a diffusers pipeline). The ``tiny:`` / ``random:`` built-ins register below; ``world:`` specs are
@@ -21,13 +22,27 @@ import torch
 from genreward.errors import GenrewardError
 from genreward.models.device import resolve_device, resolve_dtype
 from genreward.models.hub import first_line, from_pretrained_offline_aware
-from genreward.models.tiny import RANDOM_SPECS, TINY_SPECS, build_random_sd15, build_tiny_sd
+from genreward.models.tiny import (
+    RANDOM_SPECS,
+    TINY_FAMILY_SPECS,
+    TINY_SPECS,
+    build_random_sd15,
+    build_tiny_flux,
+    build_tiny_sd,
+    build_tiny_sd3,
+    build_tiny_sdxl,
+)
 from genreward.registry import find_spec_loader, register_spec
 
 
 @register_spec("pipeline", *TINY_SPECS)
 def _tiny_pipeline(spec: str):
     return build_tiny_sd(spec)
+
+
+@register_spec("pipeline", *TINY_FAMILY_SPECS)
+def _tiny_family_pipeline(spec: str):
+    return {"tiny:sdxl": build_tiny_sdxl, "tiny:sd3": build_tiny_sd3, "tiny:flux": build_tiny_flux}[spec]()
 
 
 @register_spec("pipeline", *RANDOM_SPECS)
@@ -41,16 +56,22 @@ def load_pipeline(
     dtype: str | torch.dtype = "fp32",
     lora: str | None = None,
     unet: str | None = None,
+    family: str | None = None,
 ):
-    """A Stable-Diffusion-family pipeline with a DDIM scheduler, on ``device`` in ``dtype``.
+    """A text-to-image pipeline of a known model family (sd, sdxl, sd3, flux), on ``device`` in ``dtype``, frozen.
 
-    ``spec``: a hub id (``CompVis/stable-diffusion-v1-4``), a local pipeline folder, ``tiny:sd`` /
-    ``tiny:sd-v`` (tiny, random weights), ``random:sd15`` (SD-1.5 architecture, random weights), or
-    ``world:shapes-t2i`` (the shapes world's project-trained model, shipped in the package; see
-    docs/world.md). ``lora``: a folder or file loadable by ``pipe.load_lora_weights``. ``unet``: a folder
-    with a full fine-tuned ``UNet2DConditionModel`` that replaces the pipeline's U-Net.
+    ``spec``: a hub id (``CompVis/stable-diffusion-v1-4``, ``stabilityai/stable-diffusion-3.5-medium``,
+    ``black-forest-labs/FLUX.1-dev``), a local pipeline folder, ``tiny:sd`` / ``tiny:sd-v`` / ``tiny:sdxl`` /
+    ``tiny:sd3`` / ``tiny:flux`` (tiny, random weights), ``random:sd15`` / ``random:sdxl`` / ``random:sd35m`` /
+    ``random:flux-dev`` (full architectures, random weights), or ``world:shapes-t2i`` (the shapes world's
+    project-trained model; docs/world.md). U-Net families get a DDIM scheduler (the kernel with log-probs); flow
+    families keep their ``FlowMatchEulerDiscreteScheduler``. ``lora``: a folder or file loadable by
+    ``pipe.load_lora_weights``. ``unet``: a folder with a full fine-tuned denoiser (``UNet2DConditionModel`` or the
+    family's transformer) that replaces the pipeline's. ``family`` overrides the detected family (``model.family``).
     """
-    from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+
+    from genreward.models.families import family_of
 
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     loader = find_spec_loader("pipeline", spec, what="pipeline")
@@ -58,21 +79,25 @@ def load_pipeline(
         pipe = loader(spec)
     else:
         pipe = from_pretrained_offline_aware(DiffusionPipeline.from_pretrained, spec, spec, "pipeline", safety_checker=None)
-    if not hasattr(pipe, "unet"):
-        raise GenrewardError(f"pipeline '{spec}' has no U-Net (got {type(pipe).__name__}); genreward trains U-Net based SD-family models")
-    if not isinstance(pipe.scheduler, DDIMScheduler):
+    fam = family_of(pipe, family, spec)
+    if fam.kernel == "ddim" and not isinstance(pipe.scheduler, DDIMScheduler):
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if fam.kernel == "flow" and not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
+        raise GenrewardError(f"pipeline '{spec}' ({fam.name}) has scheduler {type(pipe.scheduler).__name__}; the flow "
+                             "sampler needs FlowMatchEulerDiscreteScheduler")
     if unet is not None:
-        pipe.unet = from_pretrained_offline_aware(UNet2DConditionModel.from_pretrained, unet, unet, "U-Net")
+        cls = type(fam.denoiser)
+        setattr(pipe, fam.denoiser_attr, from_pretrained_offline_aware(cls.from_pretrained, unet, unet, cls.__name__))
     pipe.to(torch_device)
-    if pipe.unet.dtype != torch_dtype:
+    if fam.denoiser.dtype != torch_dtype:
         pipe.to(torch_dtype)
     if lora is not None:
         load_lora(pipe, lora, spec)
     pipe.set_progress_bar_config(disable=True)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.requires_grad_(False)
-        module.eval()
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False)
+            module.eval()
     return pipe
 
 

@@ -117,3 +117,114 @@ def build_random_sd15(seed: int = TINY_SEED):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# --------------------------------------------------------------------------- tiny SDXL, SD3 and FLUX
+
+TINY_FAMILY_SPECS = ("tiny:sdxl", "tiny:sd3", "tiny:flux")
+
+
+def _clip_text(cls_name: str, seed: int, hidden: int = 32, projection: int | None = None, max_len: int = 77):
+    import transformers
+    from transformers import CLIPTextConfig
+
+    torch.manual_seed(seed)
+    extra = {"projection_dim": projection} if projection is not None else {}
+    config = CLIPTextConfig(**CLIP_TEXT_TOKEN_IDS, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=max_len, **extra)
+    return getattr(transformers, cls_name)(config)
+
+
+def _t5(seed: int, d_model: int):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(vocab_size=CLIP_TEXT_TOKEN_IDS["vocab_size"], d_model=d_model, d_ff=2 * d_model,
+                                   d_kv=d_model // 4, num_layers=2, num_heads=4, pad_token_id=CLIP_TEXT_TOKEN_IDS["pad_token_id"],
+                                   eos_token_id=CLIP_TEXT_TOKEN_IDS["eos_token_id"], decoder_start_token_id=0))
+
+
+def _flow_vae(seed: int):
+    """SD3/FLUX-style VAE: 16 latent channels, no quant convs, scaling and shift factors (the pipelines need both)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), layers_per_block=1,
+                         latent_channels=16, norm_num_groups=8, sample_size=32, use_quant_conv=False,
+                         use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609)
+
+
+T5_TINY_LENGTH = 32  # tokens: the tiny T5 slots' model_max_length (max_sequence_length is capped to it)
+
+
+def build_tiny_sd3(seed: int = TINY_SEED):
+    """A tiny ``StableDiffusion3Pipeline`` (32×32 images, 16×16×16 latents, 2×2 patches): two CLIP encoders with
+    projections, a tiny T5, ``SD3Transformer2DModel`` and ``FlowMatchEulerDiscreteScheduler(shift=3.0)`` (SD3.5's)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                                            attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
+                                            caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=32)
+        vae = _flow_vae(seed + 1)
+        te1 = _clip_text("CLIPTextModelWithProjection", seed + 2, projection=32)
+        te2 = _clip_text("CLIPTextModelWithProjection", seed + 3, projection=32)
+        te3 = _t5(seed + 4, d_model=64)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=te1, tokenizer=build_clip_tokenizer(), text_encoder_2=te2, tokenizer_2=build_clip_tokenizer(),
+        text_encoder_3=te3, tokenizer_3=build_clip_tokenizer(model_max_length=T5_TINY_LENGTH),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_tiny_flux(seed: int = TINY_SEED):
+    """A tiny ``FluxPipeline`` (32×32 images; 16-channel latents packed 2×2 into 64 tokens of 64 features): CLIP (pooled)
+    and a tiny T5, ``FluxTransformer2DModel`` with the guidance embedding, FLUX.1-dev's dynamically shifted scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                             pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+        vae = _flow_vae(seed + 1)
+        te1 = _clip_text("CLIPTextModel", seed + 2)
+        te2 = _t5(seed + 3, d_model=32)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=te1, tokenizer=build_clip_tokenizer(),
+                        text_encoder_2=te2, tokenizer_2=build_clip_tokenizer(model_max_length=T5_TINY_LENGTH),
+                        transformer=transformer)
+    pipe.default_sample_size = 16  # latent side: 16 × VAE factor 2 = 32 px images by default
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_tiny_sdxl(seed: int = TINY_SEED):
+    """A tiny ``StableDiffusionXLPipeline`` (32×32 images): CLIP + CLIP-with-projection, the ``text_time``
+    micro-conditioning U-Net, a DDIM scheduler with SDXL's betas (the kernel with log-probabilities)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                                    block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                                    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                                    transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=6 * 8 + 32,
+                                    cross_attention_dim=64, norm_num_groups=8)
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), layers_per_block=1,
+                            latent_channels=4, norm_num_groups=8, sample_size=32, scaling_factor=0.13025)
+        te1 = _clip_text("CLIPTextModel", seed + 2)
+        te2 = _clip_text("CLIPTextModelWithProjection", seed + 3, projection=32)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=build_clip_tokenizer(),
+                                     tokenizer_2=build_clip_tokenizer(), unet=unet,
+                                     scheduler=DDIMScheduler(**tiny_scheduler_config()))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
