@@ -112,7 +112,8 @@ def test_train_config_error_names_key_and_file(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["prdp_sd14_small_hpsv2", "prdp_sd14_large_hpsv2", "prdp_sd14_multi", "ddpo_sd15_compressibility"])
+@pytest.mark.parametrize("config", ["prdp_sd14_small_hpsv2", "prdp_sd14_large_hpsv2", "prdp_sd14_multi", "ddpo_sd15_compressibility",
+                                    "grpo_sd35m_compositional", "grpo_flux_dev_pickscore", "prdp_sdxl_hpsv2"])
 def test_paper_configs_load_and_fail_only_at_model_download(tmp_path, config):
     """The paper configs are valid; offline, they stop with the clear offline-model message (the large setting's
     prompt file is the user's to provide: inputs are checked before any model loads, so that comes first)."""

@@ -126,3 +126,30 @@ def test_a_family_that_does_not_fit_the_pipeline_is_one_line(tmp_path):
     with pytest.raises(GenrewardError, match="model.family=sd3 does not fit pipeline 'tiny:sd'.*StableDiffusionPipeline"):
         train(config)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["grpo_tiny_sd3", "grpo_tiny_flux", "prdp_tiny_sdxl"])
+def test_tiny_family_configs_run_end_to_end(tmp_path, config):
+    """The shipped CPU configs for the new families, unchanged but for the output folder (each well under 3 minutes)."""
+    from genreward.cli import main
+
+    out = tmp_path / config
+    assert main(["train", f"configs/{config}.yaml", f"output_dir={out}", "model.device=cpu"]) == 0
+    rows = _rows(out)
+    epochs = {"grpo_tiny_sd3": 4, "grpo_tiny_flux": 4, "prdp_tiny_sdxl": 12}[config]
+    assert [r["epoch"] for r in rows] == list(range(epochs)) and all(math.isfinite(r["reward_mean"]) for r in rows)
+    assert (out / "checkpoints" / f"checkpoint-{epochs}" / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "gallery.html").is_file() and (out / "eval" / "final" / "summary.json").is_file()
+
+
+@pytest.mark.parametrize("trainer,config", [("rpo", "configs/rpo_tiny.yaml"), ("nft", "configs/nft_tiny.yaml")])
+def test_trainers_not_yet_on_a_family_stop_in_one_line(tmp_path, trainer, config):
+    from genreward.config import load_config
+    from trainers import get_trainer
+
+    config_cls, train = get_trainer(trainer)
+    cfg = load_config(config, config_cls, [f"output_dir={tmp_path / 'run'}", "model.pipeline=tiny:sd3", "model.device=cpu"])
+    with pytest.raises(GenrewardError, match=f"trainer {trainer} runs on sd models; model.pipeline 'tiny:sd3' is a sd3 model"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()

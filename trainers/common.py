@@ -274,7 +274,8 @@ class TrainingRun:
     ``train_mode``: score-function trainers (PRDP, DDPO) keep the policy in eval mode, so sampling, the no-grad
     recompute and the loss pass evaluate one and the same function (with LoRA dropout in train mode each pass
     would draw its own mask and the importance ratio would not start at 1); trainers that regress a denoising
-    loss (RPO) pass ``train_mode=True`` and get dropout.
+    loss (RPO) pass ``train_mode=True`` and get dropout. ``families``: the model families the trainer supports
+    (None = all); another one stops with one line after the models load, before the run folder is written.
 
     The run folder is checked before anything loads and written only after the models loaded, so a bad input
     never touches an earlier run's files.
@@ -287,6 +288,7 @@ class TrainingRun:
         unit: Literal["epoch", "step"] = "epoch",
         checkpoint_objects: dict[str, Any] | None = None,
         train_mode: bool = False,
+        families: Sequence[str] | None = None,
     ) -> None:
         from accelerate.utils import set_seed
 
@@ -317,6 +319,10 @@ class TrainingRun:
             torch.backends.cudnn.allow_tf32 = True
         set_seed(self.train_cfg.seed, device_specific=False)
         self._load_models(need_reference)
+        if families is not None and self.family.name not in families:
+            raise GenrewardError(f"trainer {getattr(config, 'trainer', '?')} runs on {', '.join(families)} models; "
+                                 f"model.pipeline {self.model_cfg.pipeline!r} is a {self.family.name} model "
+                                 f"(prdp, ddpo and grpo run on every family)")
         check_image_size(self.pipe, self.sample_cfg.height, self.sample_cfg.width, unet=self.policy, prefix="sample.")
         self.reward_means: list[float] = []  # reward_mean per logged epoch (sliding-window diagnostics)
         self.resume_path: Path | None = resume

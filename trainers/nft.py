@@ -258,7 +258,7 @@ def train(config: NFTConfig) -> dict:
     reward = reward_from_specs(config.reward)
     eval_rewards = eval_reward_list(config.eval, reward)
     policies = NFTPolicies(eval_ema=n.eval_ema)
-    run = TrainingRun(config, need_reference=n.kl_weight > 0, unit="epoch",
+    run = TrainingRun(config, need_reference=n.kl_weight > 0, unit="epoch", families=("sd",),
                  checkpoint_objects={**stateful_objects(reward), "nft": policies})
     acc = run.accelerator
     kind = run.pipe.scheduler.config.prediction_type

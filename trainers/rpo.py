@@ -248,7 +248,7 @@ def train(config: RPOConfig) -> dict:
         raise GenrewardError(f"reward.name: RPO uses the lambda_harmonic reward, got {config.reward.name!r}")
     if not subj.references.startswith("skimage:"):
         image_files(subj.references)  # fail fast, before any model loads, on a missing or empty subject folder
-    run = TrainingRun(config, need_reference=True, unit="step", train_mode=True)  # dropout acts in the denoising loss
+    run = TrainingRun(config, need_reference=True, unit="step", train_mode=True, families=("sd",))  # dropout acts in the denoising loss
     acc, pipe, out = run.accelerator, run.pipe, run.output_dir
     device, scheduler = acc.device, pipe.scheduler
     resolution = r.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor

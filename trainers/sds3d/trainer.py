@@ -341,6 +341,11 @@ class SDS3DSystem:
 
             gc = config.guidance
             pipe = load_pipeline(gc.pipeline, device=self.device, dtype=gc.dtype)
+            from genreward.models.families import family_of
+
+            if family_of(pipe).name != "sd":
+                raise GenrewardError(f"trainer sds3d takes its guidance from sd models; guidance.pipeline {gc.pipeline!r} "
+                                     f"is a {family_of(pipe).name} model")
             self.guidance = SDSGuidance(pipe, gc.guidance_scale, gc.cfg_convention, gc.weighting, gc.min_step_percent,
                                         gc.max_step_percent, gc.grad_clip, gc.resolution, gc.latent_mode, gc.negative_prompt)
         self.vlm_term = vlm_term
