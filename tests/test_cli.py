@@ -128,17 +128,22 @@ def test_paper_configs_load_and_fail_only_at_model_download(tmp_path, config):
 
 @pytest.mark.slow
 def test_quickstart_end_to_end(tmp_path):
-    """`make quickstart`'s command, unchanged but for its output folder: PRDP in the shapes world with the
-    verifier raises the verifier pass rate on its training captions; the gallery shows verdicts."""
+    """`make quickstart`'s command, unchanged but for its output folder: 20 PRDP epochs in the shapes world, the same
+    captions and seeds scored before and after, every gallery image with its verdict, memory bounded.
+
+    The pass-rate change is a measurement, not asserted: 20 epochs are within run-to-run spread in this world
+    (docs/world.md, "The quickstart's outcome": real reward 10.9 % → 9.4 %, negated reward 10.9 % → 9.4 %)."""
     out = tmp_path / "quickstart"
     proc = run_cli("train", "configs/quickstart.yaml", f"output_dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(20))
     assert all(r["peak_rss_mb"] < 4096 for r in rows)
-    before = json.loads((out / "eval" / "before" / "summary.json").read_text())["verifier"]
-    after = json.loads((out / "eval" / "final" / "summary.json").read_text())["verifier"]
-    assert after >= before + 0.05, (before, after)  # measured: 0.109 → 0.203 (64 images, same seeds)
+    before = json.loads((out / "eval" / "before" / "summary.json").read_text())
+    after = json.loads((out / "eval" / "final" / "summary.json").read_text())
+    assert set(before) == set(after) == {"verifier", "vlm_judge", "clip_score"}
+    assert before["verifier"] == pytest.approx(7 / 64)  # the shipped model's pass rate on these 64 images and seeds
+    assert after["clip_score"] != before["clip_score"]  # the trained LoRA changed the images
     records = [json.loads(line) for line in (out / "eval" / "final" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 64
     assert all(r["verdicts"]["verifier"].startswith("pass" if r["rewards"]["verifier"] == 1.0 else "fail") for r in records)
