@@ -8,7 +8,6 @@ accumulating gradients over timesteps and minibatches before each optimiser step
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Literal
@@ -31,8 +30,8 @@ from trainers.common import (
     training_progress,
 )
 from trainers.diagnostics import epoch_record
-from trainers.losses import PerPromptStatTracker, accumulation_divisors, batch_advantages, ddpo_loss
-from trainers.passes import stochastic_step_indices
+from trainers.losses import PerPromptStatTracker, batch_advantages, ddpo_loss
+from trainers.passes import UpdateLog, accumulated_updates, stochastic_step_indices
 from trainers.prdp import load_checked_prompts, stop_without_finite_rewards
 from trainers.run_dir import fault_point
 
@@ -108,10 +107,16 @@ def train(config: DDPOConfig) -> dict:
         all_texts = [prompts[i].prompt for i in chosen_all]
         adv_all = tracker.update(all_texts, all_rewards) if tracker else batch_advantages(all_rewards)
         advantages = torch.as_tensor(np.asarray(adv_all)[local], dtype=torch.float32, device=acc.device)
-        stats_sum: dict[str, float] = {}
-        n_stats, first_ratio = 0, None
+        log = UpdateLog()
         stochastic = torch.tensor(stochastic_step_indices(traj), dtype=torch.long)
         t_train = max(1, int(len(stochastic) * d.timestep_fraction))
+
+        def slot_loss(slot):
+            mb, steps = slot
+            with acc.autocast():
+                lp = step_log_prob(run.unet, run.family, traj, steps, mb, config.sample.logprob_reduction)
+            return ddpo_loss(lp, traj.log_probs[mb, steps], advantages[mb], d.clip_range, d.adv_clip_max)
+
         with timer("training"):
             for inner in range(d.inner_epochs):
                 g = torch.Generator().manual_seed(derived_seed(config.train.seed, epoch, 2, acc.process_index, inner))
@@ -119,30 +124,12 @@ def train(config: DDPOConfig) -> dict:
                 # each sample's own random order of its stochastic steps (all T for DDIM; a flow SDE window otherwise)
                 time_order = stochastic[torch.stack([torch.randperm(len(stochastic), generator=g) for _ in range(len(traj))])]
                 minibatches = [order[i : i + d.minibatch_size] for i in range(0, len(traj), d.minibatch_size)]
-                accum = d.gradient_accumulation_steps * t_train
-                slots = [(mb, j) for mb in minibatches for j in range(t_train)]
-                divisors = accumulation_divisors(len(slots), accum)  # the last group may be shorter
-                for n, (mb, j) in enumerate(slots):
-                    sync = (n + 1) % accum == 0 or n == len(slots) - 1
-                    steps = time_order[mb, j]
-                    ctx = acc.no_sync(run.unet) if not sync else contextlib.nullcontext()
-                    with ctx:
-                        with acc.autocast():
-                            lp = step_log_prob(run.unet, run.family, traj, steps, mb, config.sample.logprob_reduction)
-                        old = traj.log_probs[mb, steps]
-                        loss, stats = ddpo_loss(lp, old, advantages[mb], d.clip_range, d.adv_clip_max)
-                        acc.backward(loss / divisors[n])
-                    if first_ratio is None:
-                        first_ratio = float(stats["ratio"])
-                    for key, value in {"loss": loss.detach(), **stats}.items():
-                        stats_sum[key] = stats_sum.get(key, 0.0) + float(value)
-                    n_stats += 1
-                    if sync:
-                        grad_norm = run.optimizer_step()
+                slots = [(mb, time_order[mb, j]) for mb in minibatches for j in range(t_train)]
+                grad_norm = accumulated_updates(run, slots, d.gradient_accumulation_steps * t_train, slot_loss, log)
         fault_point("unit")
         record = epoch_record(run, epoch, reward.name, rewards.view(-1, 1), torch.isfinite(rewards).view(-1, 1), prompts=all_texts)
-        record.update({k: v / max(n_stats, 1) for k, v in stats_sum.items()})
-        record.update(ratio_first=first_ratio, grad_norm=grad_norm, lr=config.train.optim.lr, peak_rss_mb=peak_rss_mb())
+        record.update(log.means())
+        record.update(ratio_first=log.first_ratio, grad_norm=grad_norm, lr=config.train.optim.lr, peak_rss_mb=peak_rss_mb())
         if tracker:
             record["tracked_prompts"] = len(tracker.get_stats())
         record.update({f"time_{k}": round(v, 4) for k, v in timer.seconds.items()})

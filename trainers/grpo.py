@@ -19,7 +19,6 @@ the LoRA weights that Flow-GRPO evaluates with.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Literal
@@ -44,8 +43,8 @@ from trainers.common import (
     training_progress,
 )
 from trainers.diagnostics import epoch_record
-from trainers.losses import accumulation_divisors, flow_kl, group_advantages, grpo_loss
-from trainers.passes import stochastic_step_indices
+from trainers.losses import flow_kl, group_advantages, grpo_loss
+from trainers.passes import UpdateLog, accumulated_updates, stochastic_step_indices
 from trainers.prdp import load_checked_prompts, stop_without_finite_rewards
 from trainers.run_dir import fault_point
 
@@ -131,41 +130,35 @@ def train(config: GRPOConfig) -> dict:
         steps = _trained_steps(traj, g.timestep_fraction)
         keep = torch.nonzero(advantages != 0).reshape(-1) if g.drop_zero_advantage else torch.arange(len(traj))
         # 4. PPO-clipped updates over minibatches × trained steps.
-        stats_sum: dict[str, float] = {}
-        n_stats, first_ratio, grad_norm = 0, None, float("nan")
+        log = UpdateLog()
+
+        def slot_loss(slot):
+            mb, j = slot
+            index = mb.to(traj.latents.device)
+            with acc.autocast():
+                log_prob, mean, std = step_terms(run.unet, run.family, traj, j, index, reduction)
+            loss, stats = grpo_loss(log_prob, traj.log_probs[mb, j], advantages[mb], g.clip_range, g.adv_clip_max)
+            if g.beta > 0:
+                with torch.no_grad(), run.reference() as ref, acc.autocast():
+                    _, mean_ref, _ = step_terms(ref, run.family, traj, j, index, reduction)
+                kl = flow_kl(mean, mean_ref, std)
+                loss, stats = loss + g.beta * kl, {**stats, "kl": kl.detach()}
+            return loss, stats
+
+        grad_norm = float("nan")
         with timer("training"):
             for inner in range(g.inner_epochs):
                 shuffle = torch.Generator().manual_seed(derived_seed(config.train.seed, epoch, 2, acc.process_index, inner))
                 order = keep[torch.randperm(keep.numel(), generator=shuffle)]
                 minibatches = [order[i : i + g.minibatch_size] for i in range(0, order.numel(), g.minibatch_size)]
                 slots = [(mb, j) for mb in minibatches for j in steps]
-                accum = g.gradient_accumulation_steps * len(steps)
-                divisors = accumulation_divisors(len(slots), accum) if slots else []
-                for n, (mb, j) in enumerate(slots):
-                    sync = (n + 1) % accum == 0 or n == len(slots) - 1
-                    with acc.no_sync(run.unet) if not sync else contextlib.nullcontext():
-                        with acc.autocast():
-                            log_prob, mean, std = step_terms(run.unet, run.family, traj, j, mb.to(traj.latents.device), reduction)
-                        loss, stats = grpo_loss(log_prob, traj.log_probs[mb, j], advantages[mb], g.clip_range, g.adv_clip_max)
-                        if g.beta > 0:
-                            with torch.no_grad(), run.reference() as ref, acc.autocast():
-                                _, mean_ref, _ = step_terms(ref, run.family, traj, j, mb.to(traj.latents.device), reduction)
-                            kl = flow_kl(mean, mean_ref, std)
-                            loss = loss + g.beta * kl
-                            stats = {**stats, "kl": kl.detach()}
-                        acc.backward(loss / divisors[n])
-                    if first_ratio is None:
-                        first_ratio = float(stats["ratio"])
-                    for key, value in {"loss": loss.detach(), **stats}.items():
-                        stats_sum[key] = stats_sum.get(key, 0.0) + float(value)
-                    n_stats += 1
-                    if sync:
-                        grad_norm = run.optimizer_step()
+                norm = accumulated_updates(run, slots, g.gradient_accumulation_steps * len(steps), slot_loss, log)
+                grad_norm = norm if slots else grad_norm
         fault_point("unit")
         all_texts = [prompts[chosen[k]].prompt for k in group_of]
         record = epoch_record(run, epoch, reward.name, rewards.view(-1, 1), torch.isfinite(rewards).view(-1, 1), prompts=all_texts)
-        record.update({k: v / max(n_stats, 1) for k, v in stats_sum.items()})
-        record.update(ratio_first=first_ratio, grad_norm=grad_norm, lr=config.train.optim.lr, peak_rss_mb=peak_rss_mb(),
+        record.update(log.means())
+        record.update(ratio_first=log.first_ratio, grad_norm=grad_norm, lr=config.train.optim.lr, peak_rss_mb=peak_rss_mb(),
                       trained_samples=int(keep.numel()), trained_steps=len(steps))
         record.update({f"time_{k}": round(v, 4) for k, v in timer.seconds.items()})
         run.log_metrics(record)

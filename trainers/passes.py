@@ -64,3 +64,42 @@ def backward_weighted(model: torch.nn.Module, family: Any, traj: Trajectory, wei
             with accelerator.autocast():
                 lp = step_log_prob(model, family, traj, step, idx, reduction)
             accelerator.backward((weights[idx, step].to(lp.dtype).detach() * lp).sum())
+
+
+class UpdateLog:
+    """Running means of a loop's loss statistics, and the first slot's ratio (the on-policy check in metrics)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+        self.first_ratio: float | None = None
+
+    def add(self, loss: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
+        if self.first_ratio is None and "ratio" in stats:
+            self.first_ratio = float(stats["ratio"])
+        for key, value in {"loss": loss.detach(), **stats}.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: v / max(self.count, 1) for k, v in self.sums.items()}
+
+
+def accumulated_updates(run: Any, slots: Sequence[Any], accumulation: int, slot_loss, log: UpdateLog) -> float:
+    """Back-propagate ``slot_loss(slot) -> (loss, stats)`` for every slot (a minibatch × a step), with an optimiser step
+    after each ``accumulation`` slots and after the last one; each loss is divided by the size of its own group (the
+    last may be shorter), and gradients are all-reduced only at the slot that steps (``no_sync`` before it).
+    Returns the last step's pre-clip grad norm (NaN when there was no slot). DDPO's and GRPO's update loop."""
+    from trainers.losses import accumulation_divisors
+
+    acc, grad_norm = run.accelerator, float("nan")
+    divisors = accumulation_divisors(len(slots), accumulation) if slots else []
+    for n, slot in enumerate(slots):
+        sync = (n + 1) % accumulation == 0 or n == len(slots) - 1
+        with acc.no_sync(run.unet) if not sync else contextlib.nullcontext():
+            loss, stats = slot_loss(slot)
+            acc.backward(loss / divisors[n])
+        log.add(loss, stats)
+        if sync:
+            grad_norm = run.optimizer_step()
+    return grad_norm
