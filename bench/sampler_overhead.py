@@ -30,7 +30,8 @@ def _sync(device: torch.device) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--full-size", action="store_true", help="SD-1.5 architecture with random weights (for a GPU)")
+    parser.add_argument("--full-size", action="store_true",
+                        help="the family's full architecture with random weights (random:sd15/sdxl/sd35m/flux-dev; a GPU)")
     parser.add_argument("--family", choices=["sd", "sdxl", "sd3", "flux"], default="sd", help="tiny model of this family")
     parser.add_argument("--noise-level", type=float, default=0.0, help="flow families: a (0 = the pipeline's Euler step)")
     parser.add_argument("--steps", type=int, default=None)
@@ -42,7 +43,8 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="fp32 | fp16 | bf16 (default: bf16 for --full-size, else fp32)")
     args = parser.parse_args()
 
-    spec = "random:sd15" if args.full_size else f"tiny:{args.family}"
+    full_size = {"sd": "random:sd15", "sdxl": "random:sdxl", "sd3": "random:sd35m", "flux": "random:flux-dev"}
+    spec = full_size[args.family] if args.full_size else f"tiny:{args.family}"
     dtype = args.dtype or ("bf16" if args.full_size else "fp32")
     steps = args.steps or (50 if args.full_size else 20)
     batch = args.batch or (8 if args.full_size else 8)

@@ -1,4 +1,4 @@
-"""PRDP epoch wall time by phase, against the U-Net floor measured in the same run.
+"""PRDP epoch wall time by phase, against the denoiser floor measured in the same run, for any model family.
 
 Runs ``trainers.prdp.train`` for a few epochs (the first is warm-up) and reads the per-phase times it logs
 (sampling, reward, reference log-probs, training = K × (pass 1 + pass 2)). Then, in the same process, times
@@ -6,7 +6,9 @@ the bare U-Net on the same batches: one CFG forward (no grad) and one CFG forwar
 the number of U-Net evaluations each phase needs. Ratios near 1 mean the trainer adds little over the U-Net.
 
     python bench/train_step.py                                # tiny:sd, CPU, LoRA
+    python bench/train_step.py --family sd3                   # tiny:sd3 (flow SDE kernel)
     python bench/train_step.py --full-size --trainable full   # SD-1.5 architecture, random weights, bf16 (GPU)
+    python bench/train_step.py --full-size --family flux      # FLUX.1-dev architecture, random weights, LoRA (GPU)
 """
 
 from __future__ import annotations
@@ -25,31 +27,31 @@ from trainers.common import TrainingRun
 from trainers.prdp import PRDPConfig, train
 
 
+FULL_SIZE = {"sd": "random:sd15", "sdxl": "random:sdxl", "sd3": "random:sd35m", "flux": "random:flux-dev"}
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
 
 def unet_floor(run: TrainingRun, batch: int, reps: int) -> tuple[float, float]:
-    """Median seconds of one CFG U-Net forward (no grad) and one forward+backward, on ``batch`` latents."""
-    unet = run.unet
-    cfg = run.policy.config
-    size = cfg.sample_size
-    dtype = torch.float32
-    latents = torch.randn(2 * batch, cfg.in_channels, size, size, device=run.accelerator.device, dtype=dtype)
-    text = torch.randn(2 * batch, 77, cfg.cross_attention_dim, device=run.accelerator.device, dtype=dtype)
-    t = torch.full((2 * batch,), 500, device=run.accelerator.device)
+    """Median seconds of one guided denoiser call (CFG pair, or FLUX's single embedded-guidance call) without grad,
+    and of one forward + backward, on ``batch`` stored transitions — through the model family, as training calls it."""
+    family = run.family
+    traj = run.sample([f"animal {i}" for i in range(batch)], list(range(batch)))
+    x_t, t = traj.latents[:, 1], traj.timesteps[1]
     fwd, fwd_bwd = [], []
     for rep in range(reps + 1):
         _sync()
         start = time.perf_counter()
         with torch.no_grad(), run.accelerator.autocast():
-            unet(latents, t, encoder_hidden_states=text)
+            family.denoise(run.unet, x_t, t, traj.cond, traj.uncond, traj.guidance_scale)
         _sync()
         fwd.append(time.perf_counter() - start)
         start = time.perf_counter()
         with run.accelerator.autocast():
-            out = unet(latents, t, encoder_hidden_states=text).sample
+            out = family.denoise(run.unet, x_t, t, traj.cond, traj.uncond, traj.guidance_scale)
         run.accelerator.backward(out.float().square().mean())
         _sync()
         fwd_bwd.append(time.perf_counter() - start)
@@ -60,6 +62,8 @@ def unet_floor(run: TrainingRun, batch: int, reps: int) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full-size", action="store_true", help="SD-1.5 architecture with random weights, bf16 (GPU)")
+    parser.add_argument("--family", choices=["sd", "sdxl", "sd3", "flux"], default="sd",
+                        help="model family: tiny:<family>, or with --full-size random:<full-size spec of the family>")
     parser.add_argument("--trainable", choices=["lora", "full"], default="lora")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--prompts", type=int, default=None, help="N prompts per epoch")
@@ -77,8 +81,9 @@ def main() -> None:
     data = {
         "trainer": "prdp",
         "output_dir": tempfile.mkdtemp(prefix="bench-train-"),
-        "model": {"pipeline": "random:sd15" if full else "tiny:sd", "device": "auto"},
-        "sample": {"num_steps": steps, "guidance_scale": 5.0, "eta": 1.0, "batch_size": batch},
+        "model": {"pipeline": FULL_SIZE[args.family] if full else f"tiny:{args.family}", "device": "auto"},
+        "sample": {"num_steps": steps, "guidance_scale": 3.5 if args.family == "flux" else 5.0, "eta": 1.0,
+                   "batch_size": batch},
         "prompts": {"path": "animals"},
         "reward": [{"name": "jpeg_compressibility"}],
         "prdp": {"epochs": args.epochs, "updates_per_epoch": args.updates, "prompts_per_epoch": n_prompts,
@@ -111,7 +116,7 @@ def main() -> None:
         "reference": calls * t_fwd,
         "training": args.updates * calls * (t_fwd + t_fwd_bwd),
     }
-    print(f"U-Net floor per CFG call of {batch} trajectories: forward {t_fwd * 1000:.1f} ms, forward+backward {t_fwd_bwd * 1000:.1f} ms")
+    print(f"denoiser floor per guided call of {batch} trajectories: forward {t_fwd * 1000:.1f} ms, forward+backward {t_fwd_bwd * 1000:.1f} ms")
     print("| phase | measured (s) | U-Net floor (s) | ratio |")
     print("|---|---|---|---|")
     total_measured = total_floor = 0.0

@@ -155,3 +155,18 @@ def test_every_family_names_its_lora_targets_and_kernel():
     assert set(FAMILIES) == {"sd", "sdxl", "sd3", "flux"}
     for fam in FAMILIES.values():
         assert fam.lora_targets and fam.kernel in ("ddim", "flow") and fam.pipeline_classes
+
+
+@pytest.mark.slow
+def test_full_size_random_architectures_have_the_real_models_sizes():
+    """random:sdxl / random:sd35m / random:flux-dev build the real architectures (on the meta device here: no memory)."""
+    from genreward.models.tiny import build_random_family
+
+    sizes = {}
+    for spec in ("random:sdxl", "random:sd35m", "random:flux-dev"):
+        with torch.device("meta"):
+            pipe = build_random_family(spec)
+        sizes[spec] = sum(p.numel() for p in family_of(pipe).denoiser.parameters())
+    assert sizes["random:sdxl"] == 2_567_463_684  # SDXL base 1.0 U-Net
+    assert sizes["random:flux-dev"] == 11_901_408_320  # FLUX.1-dev transformer
+    assert 2.2e9 < sizes["random:sd35m"] < 2.6e9  # SD3.5 Medium MM-DiT-X

@@ -23,9 +23,11 @@ from genreward.errors import GenrewardError
 from genreward.models.device import resolve_device, resolve_dtype
 from genreward.models.hub import first_line, from_pretrained_offline_aware
 from genreward.models.tiny import (
+    RANDOM_FAMILY_SPECS,
     RANDOM_SPECS,
     TINY_FAMILY_SPECS,
     TINY_SPECS,
+    build_random_family,
     build_random_sd15,
     build_tiny_flux,
     build_tiny_sd,
@@ -43,6 +45,13 @@ def _tiny_pipeline(spec: str):
 @register_spec("pipeline", *TINY_FAMILY_SPECS)
 def _tiny_family_pipeline(spec: str):
     return {"tiny:sdxl": build_tiny_sdxl, "tiny:sd3": build_tiny_sd3, "tiny:flux": build_tiny_flux}[spec]()
+
+
+@register_spec("pipeline", *RANDOM_FAMILY_SPECS)
+def _random_family_pipeline(spec: str):
+    # billions of random parameters: created directly on the GPU when there is one (not on its CPU, then copied)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        return build_random_family(spec)
 
 
 @register_spec("pipeline", *RANDOM_SPECS)

@@ -228,3 +228,88 @@ def build_tiny_sdxl(seed: int = TINY_SEED):
                                      scheduler=DDIMScheduler(**tiny_scheduler_config()))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# ------------------------------------------------------------- full-size architectures, random weights (GPU benchmarks)
+
+RANDOM_FAMILY_SPECS = ("random:sdxl", "random:sd35m", "random:flux-dev")
+
+
+def _sd_vae(latent_channels: int, scaling: float, shift: float | None = None, flow: bool = False):
+    from diffusers import AutoencoderKL
+
+    extra = dict(use_quant_conv=False, use_post_quant_conv=False, shift_factor=shift) if flow else {}
+    return AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=latent_channels,
+                         sample_size=1024, scaling_factor=scaling, **extra)
+
+
+def _clip_config(hidden: int, layers: int, heads: int, projection: int | None = None, act: str = "quick_gelu"):
+    from transformers import CLIPTextConfig
+
+    extra = {"projection_dim": projection} if projection is not None else {}
+    return CLIPTextConfig(**CLIP_TEXT_TOKEN_IDS, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                          num_attention_heads=heads, max_position_embeddings=77, hidden_act=act, **extra)
+
+
+def _t5_xxl():
+    """T5 v1.1 XXL's encoder (4.76 B parameters); the vocabulary is CLIP's 49,408 tokens, so the offline CLIP BPE
+    tokenizer fits it (the real T5 has 32,128: the embedding table is 0.07 B parameters larger here)."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=CLIP_TEXT_TOKEN_IDS["vocab_size"], d_model=4096, d_ff=10240, d_kv=64,
+                                   num_heads=64, num_layers=24, feed_forward_proj="gated-gelu", is_gated_act=True,
+                                   pad_token_id=CLIP_TEXT_TOKEN_IDS["pad_token_id"], decoder_start_token_id=0))
+
+
+def build_random_family(spec: str, seed: int = TINY_SEED):
+    """``random:sdxl`` (SDXL base 1.0), ``random:sd35m`` (SD3.5 Medium), ``random:flux-dev`` (FLUX.1-dev): the real
+    architectures with random weights, for benchmarks. Build them under ``with torch.device("cuda"):`` so the
+    weights are created on the GPU (several billion parameters)."""
+    import transformers
+    from diffusers import (DDIMScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
+                           SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+
+    clip = lambda cls, **kw: getattr(transformers, cls)(_clip_config(**kw))  # noqa: E731
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if spec == "random:sdxl":
+            unet = UNet2DConditionModel(
+                sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(5, 10, 20),
+                transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, use_linear_projection=True,
+                addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+            pipe = StableDiffusionXLPipeline(
+                vae=_sd_vae(4, 0.13025), text_encoder=clip("CLIPTextModel", hidden=768, layers=12, heads=12),
+                text_encoder_2=clip("CLIPTextModelWithProjection", hidden=1280, layers=32, heads=20, projection=1280, act="gelu"),
+                tokenizer=build_clip_tokenizer(), tokenizer_2=build_clip_tokenizer(pad_token="!"), unet=unet,
+                scheduler=DDIMScheduler(**tiny_scheduler_config()))
+        elif spec == "random:sd35m":
+            transformer = SD3Transformer2DModel(
+                sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+                num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+                pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+            pipe = StableDiffusion3Pipeline(
+                transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                vae=_sd_vae(16, 1.5305, 0.0609, flow=True),
+                text_encoder=clip("CLIPTextModelWithProjection", hidden=768, layers=12, heads=12, projection=768),
+                tokenizer=build_clip_tokenizer(),
+                text_encoder_2=clip("CLIPTextModelWithProjection", hidden=1280, layers=32, heads=20, projection=1280, act="gelu"),
+                tokenizer_2=build_clip_tokenizer(), text_encoder_3=_t5_xxl(), tokenizer_3=build_clip_tokenizer(model_max_length=256))
+        elif spec == "random:flux-dev":
+            transformer = FluxTransformer2DModel(
+                patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56))
+            scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                        base_image_seq_len=256, max_image_seq_len=4096)
+            pipe = FluxPipeline(scheduler=scheduler, vae=_sd_vae(16, 0.3611, 0.1159, flow=True),
+                                text_encoder=clip("CLIPTextModel", hidden=768, layers=12, heads=12),
+                                tokenizer=build_clip_tokenizer(), text_encoder_2=_t5_xxl(),
+                                tokenizer_2=build_clip_tokenizer(model_max_length=512), transformer=transformer)
+        else:
+            raise ValueError(f"unknown random family spec {spec!r}; known: {', '.join(RANDOM_FAMILY_SPECS)}")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
